@@ -1,0 +1,142 @@
+"""Sequence-level f-DPG coefficients and importance-sampling estimates of the divergences."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference
+from ..divergences import Divergence, get as get_divergence
+from . import _checks as C
+
+__all__ = ["FDPGCoefficients", "fdpg_coefficients", "divergence_estimates"]
+
+
+@dataclass
+class FDPGCoefficients:
+    """Result of :func:`fdpg_coefficients` (all tensors carry no grad).
+
+    coef ``[N]``: ``(pi_i/q_i) (f'(t_i) - B)``; ``mean(coef * log pi)`` has gradient ``grad D_f(pi || p)``.
+    log_z ``[]``: the log-partition function used. weights ``[N]``: normalised importance weights pi/q (sum 1).
+    ess ``[]``: effective sample size ``1 / sum weights^2`` (between 1 and N). baseline ``[]``: B.
+    """
+
+    coef: torch.Tensor
+    log_z: torch.Tensor
+    weights: torch.Tensor
+    ess: torch.Tensor
+    baseline: torch.Tensor
+
+    def loss(self, policy_logprob: torch.Tensor) -> torch.Tensor:
+        """The surrogate ``mean(coef.detach() * policy_logprob)``; descending it decreases ``D_f(pi || p)``."""
+        return (self.coef.detach().to(policy_logprob.dtype) * policy_logprob).mean()
+
+
+def _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None) -> None:
+    named = {"policy_logprob": policy_logprob, "proposal_logprob": proposal_logprob,
+             "target_logscore": target_logscore}
+    if prior_logprob is not None:
+        named["prior_logprob"] = prior_logprob
+    for k, v in named.items():
+        C.float_tensor(k, v)
+        if v.dim() != 1 or v.shape[0] == 0:
+            raise ValueError(f"{k}: expected a non-empty 1-D tensor [N] of per-sequence values, "
+                             f"got shape {tuple(v.shape)}")
+    n = policy_logprob.shape[0]
+    for k, v in named.items():
+        if v.shape[0] != n:
+            raise ValueError(f"{k}: expected shape ({n},) like policy_logprob, got {tuple(v.shape)}")
+    C.same_device(**named)
+
+
+def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None) -> None:
+    for k, v in (("policy_logprob", policy_logprob), ("proposal_logprob", proposal_logprob),
+                 ("prior_logprob", prior_logprob), ("target_logscore", target_logscore)):
+        if v is None:
+            continue
+        C.no_nan(k, v)
+        if bool((v == math.inf).any()):
+            raise ValueError(f"{k}: contains +inf; log-probabilities and log-scores must be < +inf")
+    if bool((proposal_logprob == -math.inf).any()):
+        raise ValueError("proposal_logprob: contains -inf, i.e. q(x) = 0 for a sample said to be drawn from q")
+    if bool((target_logscore == -math.inf).all()):
+        raise ValueError("target_logscore: every sample has P(x) = 0 (log P = -inf), so log Z cannot be estimated "
+                         "from this batch; the constraint may be unsatisfiable by the proposal")
+
+
+def _resolve_log_z(log_z, like: torch.Tensor):
+    if log_z is None:
+        return None
+    lz = torch.as_tensor(log_z, dtype=like.dtype, device=like.device).detach()
+    if lz.numel() != 1:
+        raise ValueError(f"log_z: expected a scalar, got shape {tuple(lz.shape)}")
+    if not torch.compiler.is_compiling() and lz.device.type != "cuda" and not bool(torch.isfinite(lz)):
+        raise ValueError(f"log_z: expected a finite number, got {float(lz)}")
+    return lz.reshape(())
+
+
+def _resolve_baseline(baseline):
+    if baseline is None or (isinstance(baseline, str) and baseline in ("batch", "none")):
+        return "none" if baseline is None else baseline
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
+        raise ValueError(f"baseline: expected 'batch', 'none' or a number, got {baseline!r}")
+    if not math.isfinite(baseline):
+        raise ValueError(f"baseline: expected a finite number, got {baseline!r}")
+    return float(baseline)
+
+
+def _float(*ts):
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in ts if t is not None) else torch.float32
+    return [None if t is None else t.detach().to(dt) for t in ts]
+
+
+def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tensor, target_logscore: torch.Tensor,
+                      divergence: str | Divergence = "forward_kl", *, log_z=None, baseline="batch",
+                      backend: str = "auto", validate: bool | None = None) -> FDPGCoefficients:
+    """Per-sequence f-DPG coefficients from sequence log-probabilities.
+
+    Args:
+        policy_logprob: ``[N]`` log pi(x_i).
+        proposal_logprob: ``[N]`` log q(x_i) of the model that drew x_i (= policy_logprob on-policy).
+        target_logscore: ``[N]`` log P(x_i) = log a(x_i) + log b(x_i); may be -inf (constraint broken).
+        divergence: a name of :func:`fdpg.divergences.get` or a :class:`~fdpg.divergences.Divergence`.
+        log_z: scalar log Z to use; None estimates it from this batch, ``logsumexp(log P - log q) - log N``.
+        baseline: ``"batch"`` (self-normalised estimate of E_pi[f'(t)]), ``"none"``, or a number (B = -1 with
+            forward KL is GDC++).
+
+    Returns:
+        :class:`FDPGCoefficients`, float32 (float64 for float64 inputs). Gradient descent on
+        ``mean(coef * log pi)`` decreases ``D_f(pi || p)``.
+    """
+    _check_sequences(policy_logprob, proposal_logprob, target_logscore)
+    div = get_divergence(divergence)
+    base = _resolve_baseline(baseline)
+    if C.should_validate(validate, policy_logprob):
+        _check_values(policy_logprob, proposal_logprob, target_logscore)
+        if not div.is_bounded_at_inf() and bool((target_logscore == -math.inf).any()):
+            raise ValueError(f"target_logscore: contains -inf (a sample with P(x) = 0), where f'(t) of the unbounded "
+                             f"divergence {div.name!r} is infinite; floor log b(x) at a finite value (e.g. "
+                             f"log 1e-3, the trainer's 'log_b_floor') or use a bounded divergence "
+                             f"(forward_kl, tv, js, hellinger, alpha < 1)")
+    C.backend(backend, policy_logprob.device)
+    lpi, lq, lP = _float(policy_logprob, proposal_logprob, target_logscore)
+    coef, lz, weights, ess, b = reference.fdpg_coefficients(lpi, lq, lP, div, _resolve_log_z(log_z, lpi), base)
+    return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
+
+
+def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.Tensor,
+                         target_logscore: torch.Tensor, prior_logprob: torch.Tensor | None = None, log_z=None, *,
+                         backend: str = "auto", validate: bool | None = None) -> dict[str, torch.Tensor]:
+    """Importance-sampling estimates from samples x_i ~ q (MATH.md, "Estimates to log").
+
+    Inputs ``[N]`` as :func:`fdpg_coefficients`; ``prior_logprob`` ``[N]`` log a(x_i) adds ``kl_pi_a``.
+    Returns a dict of scalar tensors: ``kl_p_pi``, ``kl_pi_p``, ``kl_pi_a`` (with the prior), ``tv``, ``js``,
+    ``ess``, ``log_z``.
+    """
+    _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
+    if C.should_validate(validate, policy_logprob):
+        _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
+    C.backend(backend, policy_logprob.device)
+    lpi, lq, lP, la = _float(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
+    return reference.divergence_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))

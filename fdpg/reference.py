@@ -1,0 +1,193 @@
+"""Pure-torch ground truth of every fdpg op: readable, differentiable by autograd, float64-capable.
+
+These functions do no argument checking (the public ops in :mod:`fdpg.ops` do) and are what every faster
+backend is tested against. Inputs of any float dtype are computed in ``promote(dtype, float32)``: float32 for
+fp16/bf16/fp32, float64 for float64 (the tests' reference precision).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .divergences import Divergence, get as get_divergence
+
+__all__ = [
+    "token_logprobs", "token_logprobs_lse", "paired_token_logprobs", "linear_token_logprobs", "paired_linear_token_logprobs",
+    "sequence_logprobs", "log_z", "fdpg_coefficients", "divergence_estimates", "LinearTokenLogprobs",
+]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def token_logprobs_lse(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """``(lp, lse)``: ``lp = z[targets] - logsumexp(z)`` with ``z = logits / temperature``.
+
+    logits ``[..., V]``, targets ``[...]`` (any integer dtype) -> two ``[...]`` tensors.
+    """
+    z = logits.to(_acc(logits.dtype)) / temperature
+    lse = torch.logsumexp(z, -1)
+    return z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[..., targets]``: logits ``[..., V]``, targets ``[...]`` -> ``[...]``."""
+    return token_logprobs_lse(logits, targets, temperature)[0]
+
+
+def paired_token_logprobs(policy_logits, prior_logits, targets, temperature: float = 1.0):
+    """``(policy_lp, prior_lp)``: the prior's log-probs are computed without autograd."""
+    policy_lp = token_logprobs(policy_logits, targets, temperature)
+    with torch.no_grad():
+        prior_lp = token_logprobs(prior_logits.detach(), targets, temperature)
+    return policy_lp, prior_lp
+
+
+def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked sums over the last dim: ``[B, T], [B, T] -> [B]``. Masked positions count 0 even if -inf/NaN."""
+    return torch.where(mask.bool(), token_lp, torch.zeros((), dtype=token_lp.dtype, device=token_lp.device)).sum(-1)
+
+
+# ---- fused output layer, chunked ----------------------------------------------------------------------------
+
+def _chunk_rows(V: int, budget: int = 1 << 24) -> int:
+    """Rows per chunk so that one chunk of float32 logits holds about ``budget`` elements (64 MiB)."""
+    return max(1, budget // max(V, 1))
+
+
+def _chunk_logits(h, weight, bias, temperature):
+    z = h.to(_acc(h.dtype)) @ weight.to(_acc(weight.dtype)).t()
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return z / temperature
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """``log_softmax((h @ W^T + b) / tau)[y]`` chunk by chunk; backward recomputes each chunk's logits.
+
+    Forward holds one chunk of logits at a time (never all N x V); saves only the inputs and the per-row
+    logsumexp. hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` -> ``[N]`` float32
+    (float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk):
+        N = hidden.shape[0]
+        out_dtype = _acc(torch.promote_types(hidden.dtype, weight.dtype))
+        lp = torch.empty(N, dtype=out_dtype, device=hidden.device)
+        lse = torch.empty(N, dtype=out_dtype, device=hidden.device)
+        for i in range(0, N, chunk):
+            z = _chunk_logits(hidden[i:i + chunk], weight, bias, temperature)
+            lse[i:i + chunk] = torch.logsumexp(z, -1)
+            lp[i:i + chunk] = z.gather(-1, targets[i:i + chunk].long().unsqueeze(-1)).squeeze(-1) - lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        w32 = weight.to(acc)
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i:i + chunk].to(acc)
+            z = _chunk_logits(h, w32, bias, tau)
+            # d lp / d z = (onehot(y) - softmax(z/tau)) / tau, times the upstream gradient
+            g = -torch.exp(z - lse[i:i + chunk, None])
+            g.scatter_add_(-1, targets[i:i + chunk].long().unsqueeze(-1), torch.ones_like(g[:, :1]))
+            g *= (grad_lp[i:i + chunk].to(acc) / tau)[:, None]
+            if gh is not None:
+                gh[i:i + chunk] = (g @ w32).to(gh.dtype)
+            if gw is not None:
+                gw += g.t() @ h
+            if gb is not None:
+                gb += g.sum(0)
+        return (gh, gw.to(weight.dtype) if gw is not None else None,
+                gb.to(bias.dtype) if gb is not None else None, None, None, None)
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature: float = 1.0, chunk: int | None = None):
+    """Per-token log-probs through the output layer: hidden ``[..., d]``, weight ``[V, d]`` -> ``[...]``."""
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk or _chunk_rows(weight.shape[0])
+    lp = LinearTokenLogprobs.apply(h, weight, bias, targets.reshape(-1), float(temperature), int(chunk))
+    return lp.reshape(lead)
+
+
+def paired_linear_token_logprobs(policy_hidden, policy_weight, prior_hidden, prior_weight, targets, policy_bias=None,
+                                 prior_bias=None, temperature: float = 1.0, chunk: int | None = None):
+    """``(policy_lp, prior_lp)`` through each model's output layer; the prior's without autograd."""
+    policy_lp = linear_token_logprobs(policy_hidden, policy_weight, targets, policy_bias, temperature, chunk)
+    with torch.no_grad():
+        prior_lp = linear_token_logprobs(prior_hidden.detach(), prior_weight.detach(), targets,
+                                         None if prior_bias is None else prior_bias.detach(), temperature, chunk)
+    return policy_lp, prior_lp
+
+
+# ---- sequence level ---------------------------------------------------------------------------------------
+
+def log_z(proposal_logprob: torch.Tensor, target_logscore: torch.Tensor) -> torch.Tensor:
+    """Importance-sampling estimate ``log Z = logsumexp(log P - log q) - log N`` (scalar)."""
+    n = target_logscore.shape[-1]
+    return torch.logsumexp(target_logscore - proposal_logprob, -1) - math.log(n)
+
+
+def fdpg_coefficients(policy_logprob, proposal_logprob, target_logscore, divergence="forward_kl",
+                      log_z_value=None, baseline="batch"):
+    """f-DPG sequence coefficients, plain torch. Returns ``(coef, log_z, weights, ess, baseline)``.
+
+    ``coef_i = (pi_i/q_i) (f'(t_i) - B)`` with ``s_i = log pi_i - log P_i + log Z``; ``weights`` are the
+    normalised importance weights ``softmax(log pi - log q)``; ``B`` is ``sum_i weights_i f'(t_i)`` for
+    ``baseline="batch"``, 0 for ``"none"``, or the given number.
+    """
+    div: Divergence = get_divergence(divergence)
+    lpi, lq, lP = policy_logprob.detach(), proposal_logprob.detach(), target_logscore.detach()
+    lz = log_z(lq, lP) if log_z_value is None else torch.as_tensor(log_z_value, dtype=lpi.dtype, device=lpi.device)
+    s = lpi - lP + lz
+    log_w = lpi - lq
+    log_wn = torch.log_softmax(log_w, -1)
+    weights = torch.exp(log_wn)
+    ess = 1.0 / (weights * weights).sum(-1)
+    if baseline == "batch":
+        b = div.weighted_f_prime(s, log_wn).sum(-1)
+    elif baseline == "none" or baseline is None:
+        b = torch.zeros((), dtype=lpi.dtype, device=lpi.device)
+    else:
+        b = torch.as_tensor(float(baseline), dtype=lpi.dtype, device=lpi.device)
+    coef = div.weighted_f_prime(s, log_w) - torch.exp(log_w) * b
+    return coef, lz, weights, ess, b
+
+
+def divergence_estimates(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None, log_z_value=None):
+    """Importance-sampling estimates of MATH.md from samples of q: a dict of scalar tensors."""
+    lpi, lq, lP = policy_logprob.detach(), proposal_logprob.detach(), target_logscore.detach()
+    lz = log_z(lq, lP) if log_z_value is None else torch.as_tensor(log_z_value, dtype=lpi.dtype, device=lpi.device)
+    lp = lP - lz                                   # log p
+    w_pi = torch.exp(lpi - lq)                     # pi/q
+    w_p = torch.exp(lp - lq)                       # p/q (0 where P = 0)
+    zero = torch.zeros_like(lpi)
+    out = {
+        "kl_p_pi": torch.where(w_p > 0, w_p * (lp - lpi), zero).mean(-1),
+        "kl_pi_p": torch.where(w_pi > 0, w_pi * (lpi - lp), zero).mean(-1),
+        "tv": 0.5 * torch.abs(w_pi - w_p).mean(-1),
+    }
+    # JS = 1/2 [ pi log(2 pi / (pi + p)) + p log(2 p / (pi + p)) ] / q
+    m = torch.logaddexp(lpi, lp)
+    js_pi = torch.where(w_pi > 0, w_pi * (math.log(2.0) + lpi - m), zero)
+    js_p = torch.where(w_p > 0, w_p * (math.log(2.0) + lp - m), zero)
+    out["js"] = 0.5 * (js_pi + js_p).mean(-1)
+    if prior_logprob is not None:
+        la = prior_logprob.detach()
+        out["kl_pi_a"] = torch.where(w_pi > 0, w_pi * (lpi - la), zero).mean(-1)
+    wn = torch.softmax(lpi - lq, -1)
+    out["ess"] = 1.0 / (wn * wn).sum(-1)
+    out["log_z"] = lz
+    return out

@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+
+import fdpg
+from fdpg import divergences
+
+DIVS = ["forward_kl", "reverse_kl", "tv", "js", "hellinger", "chi2", "alpha:0.5", "alpha:-0.7", "alpha:2"]
+BASELINES = ["batch", "none", 0.3, -1.0]
+
+
+def exact_divergence(div, log_pi, log_p):
+    """D_f(pi || p) = sum_{p>0} p f(pi/p) + sum_{p=0} pi f'(inf), in float64, differentiable in log_pi."""
+    d = divergences.get(div)
+    on = log_p > -math.inf
+    s = log_pi[on] - log_p[on]
+    val = (torch.exp(log_p[on]) * d.f(s)).sum()
+    if (~on).any():
+        val = val + torch.exp(log_pi[~on]).sum() * d.fprime(torch.tensor(math.inf, dtype=torch.float64))
+    return val
+
+
+def space(gen, n=50, zeros=0):
+    theta = (torch.randn(n, generator=gen, dtype=torch.float64) * 1.5).requires_grad_(True)
+    log_P = torch.randn(n, generator=gen, dtype=torch.float64) * 2 - 3.0  # unnormalised, Z != 1
+    log_P[:zeros] = -math.inf
+    return theta, log_P
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("zeros", [0, 7])
+def test_exact_gradient_over_the_whole_space(div, baseline, zeros, gen):
+    """MATH.md's check: q uniform, the whole space as the batch: mean(coef * grad log pi) == grad D_f exactly."""
+    if zeros and not divergences.get(div).is_bounded_at_inf():
+        pytest.skip("unbounded divergence: P = 0 is rejected (tested below)")
+    theta, log_P = space(gen, zeros=zeros)
+    n = theta.shape[0]
+    log_pi = torch.log_softmax(theta, 0)
+    log_q = torch.full((n,), -math.log(n), dtype=torch.float64)
+    out = fdpg.fdpg_coefficients(log_pi, log_q, log_P, div, baseline=baseline)
+    assert not out.coef.requires_grad
+    (got,) = torch.autograd.grad(out.loss(log_pi), theta)
+    log_p = log_P - torch.logsumexp(log_P, 0)
+    (want,) = torch.autograd.grad(exact_divergence(div, torch.log_softmax(theta, 0), log_p), theta)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.log_z, torch.logsumexp(log_P, 0))
+
+
+def test_gdc_plus_plus_and_dpg_coefficients(gen):
+    n = 64
+    lpi = -torch.rand(n, generator=gen, dtype=torch.float64) * 10
+    lq = -torch.rand(n, generator=gen, dtype=torch.float64) * 10
+    lP = -torch.rand(n, generator=gen, dtype=torch.float64) * 12
+    lP[::5] = -math.inf
+    log_z = -2.5
+    P, Z, pi, q = lP.exp(), math.exp(log_z), lpi.exp(), lq.exp()
+    gdcpp = fdpg.fdpg_coefficients(lpi, lq, lP, "forward_kl", log_z=log_z, baseline=-1.0)
+    torch.testing.assert_close(gdcpp.coef, -(P - Z * pi) / (Z * q))
+    dpg = fdpg.fdpg_coefficients(lpi, lq, lP, "forward_kl", log_z=log_z, baseline="none")
+    torch.testing.assert_close(dpg.coef, -P / (Z * q))
+    # log Z estimated from the batch, in log space
+    est = fdpg.fdpg_coefficients(lpi, lq, lP, "forward_kl")
+    torch.testing.assert_close(est.log_z, torch.log((P / q).mean()))
+
+
+def test_weights_ess_and_batch_baseline(gen):
+    n = 40
+    lpi = torch.randn(n, generator=gen) * 2
+    lq = torch.randn(n, generator=gen) * 2
+    lP = torch.randn(n, generator=gen) * 2
+    out = fdpg.fdpg_coefficients(lpi, lq, lP, "js")
+    w = torch.exp(lpi - lq)
+    torch.testing.assert_close(out.weights, w / w.sum())
+    torch.testing.assert_close(out.ess, w.sum() ** 2 / (w * w).sum())
+    s = lpi - lP + out.log_z
+    fp = divergences.get("js").fprime(s)
+    torch.testing.assert_close(out.baseline, (out.weights * fp).sum())
+    torch.testing.assert_close(out.coef, w * (fp - out.baseline), rtol=1e-5, atol=1e-6)
+    on_policy = fdpg.fdpg_coefficients(lpi, lpi, lP, "js")
+    torch.testing.assert_close(on_policy.ess, torch.tensor(float(n)))
+    assert out.coef.dtype == torch.float32
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_float32_extreme_sequence_logprobs_stay_finite(div, gen):
+    """Long sequences: log-probs in the hundreds; the coefficients must not overflow where the true ones don't."""
+    n = 32
+    lq = -300 - torch.rand(n, generator=gen) * 200
+    lpi = lq + torch.randn(n, generator=gen) * 3
+    lP = lq + torch.randn(n, generator=gen) * 3
+    out = fdpg.fdpg_coefficients(lpi, lq, lP, div)
+    ref = fdpg.fdpg_coefficients(lpi.double(), lq.double(), lP.double(), div)
+    assert torch.isfinite(out.coef).all() and torch.isfinite(out.log_z)
+    torch.testing.assert_close(out.coef.double(), ref.coef, rtol=2e-3, atol=2e-3)
+
+
+def test_estimates_are_exact_over_the_whole_space(gen):
+    theta, log_P = space(gen, zeros=5)
+    n = theta.shape[0]
+    lpi = torch.log_softmax(theta.detach(), 0)
+    la = torch.log_softmax(torch.randn(n, generator=gen, dtype=torch.float64), 0)
+    lq = torch.full((n,), -math.log(n), dtype=torch.float64)
+    est = fdpg.divergence_estimates(lpi, lq, log_P, la)
+    lp = log_P - torch.logsumexp(log_P, 0)
+    pi, p = lpi.exp(), lp.exp()
+    on = p > 0
+    torch.testing.assert_close(est["kl_p_pi"], (p[on] * (lp[on] - lpi[on])).sum())
+    assert est["kl_pi_p"] == math.inf  # pi puts mass where p = 0
+    torch.testing.assert_close(est["kl_pi_a"], (pi * (lpi - la)).sum())
+    torch.testing.assert_close(est["tv"], 0.5 * (pi - p).abs().sum())
+    m = 0.5 * (pi + p)
+    js = 0.5 * (pi * (pi / m).log()).sum() + 0.5 * (p[on] * (p[on] / m[on]).log()).sum()
+    torch.testing.assert_close(est["js"], js)
+    torch.testing.assert_close(est["js"], exact_divergence("js", lpi, lp))
+    torch.testing.assert_close(est["log_z"], torch.logsumexp(log_P, 0))
+    full = fdpg.divergence_estimates(lpi, lq, torch.randn(n, dtype=torch.float64))
+    assert torch.isfinite(full["kl_pi_p"]) and "kl_pi_a" not in full
+
+
+def test_bad_inputs(gen):
+    n = 8
+    lpi, lq, lP = (-torch.rand(n, generator=gen) * 5 for _ in range(3))
+
+    def bad(exc, match, *args, **kw):
+        with pytest.raises(exc, match=match):
+            fdpg.fdpg_coefficients(*args, **kw)
+
+    bad(ValueError, "policy_logprob: contains NaN", lpi.clone().fill_(math.nan), lq, lP)
+    bad(ValueError, r"target_logscore: contains \+inf", lpi, lq, lP.clone().fill_(math.inf))
+    bad(ValueError, "proposal_logprob: contains -inf", lpi, lq.clone().fill_(-math.inf), lP)
+    bad(ValueError, "target_logscore: every sample has P", lpi, lq, lP.clone().fill_(-math.inf))
+    for div in ("reverse_kl", "chi2", "alpha:2", "alpha:1.5"):
+        lP0 = lP.clone()
+        lP0[0] = -math.inf
+        bad(ValueError, f"target_logscore: contains -inf.*{div}.*floor", lpi, lq, lP0, div)
+    for div in ("forward_kl", "tv", "js", "hellinger", "alpha:0.5"):
+        lP0 = lP.clone()
+        lP0[0] = -math.inf
+        assert torch.isfinite(fdpg.fdpg_coefficients(lpi, lq, lP0, div).coef).all()
+    bad(ValueError, "unknown name 'kld'", lpi, lq, lP, "kld")
+    bad(ValueError, r"proposal_logprob: expected shape \(8,\)", lpi, lq[:4], lP)
+    bad(ValueError, "target_logscore: expected a non-empty 1-D", lpi, lq, lP[None])
+    bad(TypeError, "policy_logprob: expected a floating-point", lpi.long(), lq, lP)
+    bad(ValueError, "baseline: expected 'batch', 'none' or a number", lpi, lq, lP, baseline="mean")
+    bad(ValueError, "log_z: expected a finite number", lpi, lq, lP, log_z=math.nan)
+    with pytest.raises(ValueError, match="prior_logprob: contains NaN"):
+        fdpg.divergence_estimates(lpi, lq, lP, lP.clone().fill_(math.nan))
