@@ -2,12 +2,14 @@
 from . import divergences, reference
 from .ops import (
     FDPGCoefficients,
+    PairedTokenStats,
     completion_mask,
     divergence_estimates,
     fdpg_coefficients,
     linear_token_logprobs,
     paired_linear_token_logprobs,
     paired_token_logprobs,
+    paired_token_stats,
     sequence_logprobs,
     token_logprobs,
 )
@@ -15,7 +17,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "token_logprobs", "paired_token_logprobs", "sequence_logprobs", "completion_mask",
+    "token_logprobs", "paired_token_logprobs", "paired_token_stats", "PairedTokenStats", "sequence_logprobs", "completion_mask",
     "linear_token_logprobs", "paired_linear_token_logprobs",
     "fdpg_coefficients", "divergence_estimates", "FDPGCoefficients",
     "divergences", "reference",

@@ -15,6 +15,7 @@ from .divergences import Divergence, get as get_divergence
 __all__ = [
     "token_logprobs", "token_logprobs_lse", "paired_token_logprobs", "linear_token_logprobs", "paired_linear_token_logprobs",
     "sequence_logprobs", "log_z", "fdpg_coefficients", "divergence_estimates", "LinearTokenLogprobs",
+    "paired_token_stats",
 ]
 
 
@@ -48,6 +49,51 @@ def paired_token_logprobs(policy_logits, prior_logits, targets, temperature: flo
 def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked sums over the last dim: ``[B, T], [B, T] -> [B]``. Masked positions count 0 even if -inf/NaN."""
     return torch.where(mask.bool(), token_lp, torch.zeros((), dtype=token_lp.dtype, device=token_lp.device)).sum(-1)
+
+
+def paired_token_stats(policy_logits, prior_logits, targets, mask=None, entropy: bool = False, kl: bool = False,
+                       temperature: float = 1.0) -> dict:
+    """Per-token statistics of policy (and prior) logits, plain torch (MATH.md, "Per-token quantities").
+
+    policy_logits ``[..., V]``, prior_logits ``[..., V]`` or None, targets ``[...]``, mask ``[...]`` or None.
+    With ``x = z / tau``: ``policy_lp = log_softmax(x)[y]``, ``policy_lse = logsumexp(x)``, ``policy_max =
+    max(x)`` (no grad), ``entropy = H(softmax(x))``, ``kl = KL(softmax(x) || softmax(x'))``, and with a mask the
+    masked sums over the last dim ``policy_seq``/``prior_seq`` ``[...[:-1]]``. Everything about the prior carries
+    no grad. Returns a dict with those keys (and ``prior_lp``, ``prior_lse``, ``prior_max``); keys not asked for
+    (or without a prior or mask) hold None.
+    """
+    out = dict.fromkeys(("policy_lp", "prior_lp", "policy_lse", "prior_lse", "entropy", "kl", "policy_seq",
+                         "prior_seq", "policy_max", "prior_max"))
+    x = policy_logits.to(_acc(policy_logits.dtype)) / temperature
+    lse = torch.logsumexp(x, -1)
+    idx = targets.long().unsqueeze(-1)
+    out["policy_lp"] = x.gather(-1, idx).squeeze(-1) - lse
+    out["policy_lse"] = lse
+    out["policy_max"] = x.detach().amax(-1)
+    if entropy or kl:
+        logp = x - lse.unsqueeze(-1)
+        p = torch.exp(logp)
+        live = p > 0  # p log p -> 0 as p -> 0; the where keeps -inf (banned tokens) out of values and gradients
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if entropy:
+        out["entropy"] = -(p * torch.where(live, logp, zero)).sum(-1)
+    if prior_logits is not None:
+        with torch.no_grad():
+            xa = prior_logits.detach().to(_acc(prior_logits.dtype)) / temperature
+            lse_a = torch.logsumexp(xa, -1)
+            out["prior_lp"] = xa.gather(-1, idx).squeeze(-1) - lse_a
+            out["prior_lse"] = lse_a
+            out["prior_max"] = xa.amax(-1)
+        if kl:
+            loga = xa - lse_a.unsqueeze(-1)
+            out["kl"] = (p * torch.where(live, logp - loga, zero)).sum(-1)
+    elif kl:
+        raise ValueError("kl: needs prior logits")
+    if mask is not None:
+        out["policy_seq"] = sequence_logprobs(out["policy_lp"], mask)
+        if prior_logits is not None:
+            out["prior_seq"] = sequence_logprobs(out["prior_lp"], mask)
+    return out
 
 
 # ---- fused output layer, chunked ----------------------------------------------------------------------------

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor
 
-from .. import reference
+from .. import divergences, reference
 from ..divergences import Divergence, get as get_divergence
 from . import _checks as C
 
@@ -31,6 +33,94 @@ class FDPGCoefficients:
     def loss(self, policy_logprob: torch.Tensor) -> torch.Tensor:
         """The surrogate ``mean(coef.detach() * policy_logprob)``; descending it decreases ``D_f(pi || p)``."""
         return (self.coef.detach().to(policy_logprob.dtype) * policy_logprob).mean()
+
+
+# ---- Triton backend: built-in divergences as kernel parameters, torch.library ops ----------------------------
+
+_LOG2 = math.log(2.0)
+# f'(s) = ce exp(ae s) + k0 + k1 s + k2 sign(s) + k3 softplus(-s), as (ce, ae, k0, k1, k2, k3)
+_SPECS = {
+    "forward_kl": (-1.0, -1.0, 0.0, 0.0, 0.0, 0.0),
+    "reverse_kl": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0),
+    "tv": (0.0, 0.0, 0.0, 0.0, 0.5, 0.0),
+    "js": (0.0, 0.0, 0.5 * _LOG2, 0.0, 0.0, -0.5),
+    "hellinger": (-1.0, -0.5, 1.0, 0.0, 0.0, 0.0),
+    "chi2": (2.0, 1.0, -2.0, 0.0, 0.0, 0.0),
+}
+
+
+def _code(fn):
+    return None if fn is None else getattr(fn, "__code__", fn)
+
+
+def divergence_spec(div: Divergence) -> tuple[float, ...] | None:
+    """The Triton kernel's parameters of ``f'`` for a built-in divergence; None for any other (user-defined, or a
+    Divergence that only shares a built-in's name)."""
+    if div.name in _SPECS:
+        ref = divergences.BUILTIN[div.name]()
+        spec = _SPECS[div.name]
+    elif div.name.startswith("alpha:") and isinstance(div.params.get("alpha"), float):
+        a = div.params["alpha"]
+        ref = get_divergence("alpha:" + repr(a))
+        c = 1.0 / (a - 1.0)
+        spec = (c, a - 1.0, -c, 0.0, 0.0, 0.0)
+    else:
+        return None
+    same = (div.exp_terms == ref.exp_terms and div.params == ref.params and div.bounded_at_inf == ref.bounded_at_inf
+            and all(_code(getattr(div, k)) is _code(getattr(ref, k)) for k in ("f", "f_prime", "rest")))
+    return spec if same else None
+
+
+def _kernels():
+    from ..kernels import coefficients as K  # imports triton: only once a Triton backend is chosen
+
+    return K
+
+
+@torch.library.custom_op("fdpg::seq_coefficients", mutates_args=())
+def _seq_coefficients(policy_logprob: Tensor, proposal_logprob: Tensor, target_logscore: Tensor,
+                      log_z: Optional[Tensor], spec: list[float], baseline_mode: int,
+                      baseline_value: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(coef [N], weights [N], [log_z, ess, baseline]) float32, in one launch."""
+    return _kernels().coefficients(policy_logprob, proposal_logprob, target_logscore, log_z, spec, baseline_mode,
+                                   baseline_value)
+
+
+@_seq_coefficients.register_fake
+def _(policy_logprob, proposal_logprob, target_logscore, log_z, spec, baseline_mode, baseline_value):
+    n = policy_logprob.shape[0]
+    new = lambda *shape: policy_logprob.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(n), new(n), new(3)
+
+
+@torch.library.custom_op("fdpg::seq_estimates", mutates_args=())
+def _seq_estimates(policy_logprob: Tensor, proposal_logprob: Tensor, target_logscore: Tensor,
+                   prior_logprob: Optional[Tensor], log_z: Optional[Tensor]) -> Tensor:
+    """[kl_p_pi, kl_pi_p, tv, js, kl_pi_a, ess, log_z] float32, in one launch."""
+    return _kernels().estimates(policy_logprob, proposal_logprob, target_logscore, prior_logprob, log_z)
+
+
+@_seq_estimates.register_fake
+def _(policy_logprob, proposal_logprob, target_logscore, prior_logprob, log_z):
+    return policy_logprob.new_empty(7, dtype=torch.float32)
+
+
+def _resolve(backend: str, like: Tensor, div: Divergence | None = None) -> str:
+    be = C.backend(backend, like.device)
+    if be != "triton":
+        return be
+    if like.dtype == torch.float64:
+        if backend == "auto":
+            return "torch"
+        raise TypeError("backend: the Triton kernel computes in float32 and takes float16, bfloat16 or float32 "
+                        "inputs, got float64; use backend='torch' (or 'auto') for float64")
+    if div is not None and divergence_spec(div) is None:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"backend: the Triton kernel knows only the built-in divergences (forward_kl, reverse_kl, "
+                         f"tv, js, hellinger, chi2, alpha:<a>); {div.name!r} is user-defined: use backend='torch' "
+                         f"or 'auto'")
+    return "triton"
 
 
 def _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None) -> None:
@@ -119,8 +209,12 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
                              f"divergence {div.name!r} is infinite; floor log b(x) at a finite value (e.g. "
                              f"log 1e-3, the trainer's 'log_b_floor') or use a bounded divergence "
                              f"(forward_kl, tv, js, hellinger, alpha < 1)")
-    C.backend(backend, policy_logprob.device)
     lpi, lq, lP = _float(policy_logprob, proposal_logprob, target_logscore)
+    if _resolve(backend, lpi, div) == "triton":
+        mode, value = (1, 0.0) if base == "batch" else (0, 0.0) if base == "none" else (2, float(base))
+        coef, weights, scal = torch.ops.fdpg.seq_coefficients(lpi, lq, lP, _resolve_log_z(log_z, lpi),
+                                                              list(divergence_spec(div)), mode, value)
+        return FDPGCoefficients(coef=coef, log_z=scal[0], weights=weights, ess=scal[1], baseline=scal[2])
     coef, lz, weights, ess, b = reference.fdpg_coefficients(lpi, lq, lP, div, _resolve_log_z(log_z, lpi), base)
     return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
 
@@ -137,6 +231,12 @@ def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.T
     _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     if C.should_validate(validate, policy_logprob):
         _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
-    C.backend(backend, policy_logprob.device)
     lpi, lq, lP, la = _float(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
+    if _resolve(backend, lpi) == "triton":
+        v = torch.ops.fdpg.seq_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
+        out = {"kl_p_pi": v[0], "kl_pi_p": v[1], "tv": v[2], "js": v[3]}
+        if la is not None:
+            out["kl_pi_a"] = v[4]
+        out.update(ess=v[5], log_z=v[6])
+        return out
     return reference.divergence_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))

@@ -1,75 +1,316 @@
-"""Per-token and per-sequence log-probabilities from logits."""
+"""Per-token and per-sequence log-probabilities (and per-token entropy and KL) from logits.
+
+The Triton kernels (``fdpg.kernels.logprobs``, imported lazily) are registered as the torch.library ops
+``fdpg::token_stats_fwd``, ``fdpg::token_stats_bwd`` and ``fdpg::token_stats_bwd_inplace`` (with fake kernels,
+so ``torch.compile(fullgraph=True)`` traces through them) behind one autograd Function, :class:`_TokenStats`.
+"""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
+from torch import Tensor
 
 from .. import reference
 from . import _checks as C
 
-__all__ = ["token_logprobs", "paired_token_logprobs", "sequence_logprobs", "completion_mask"]
+__all__ = ["token_logprobs", "paired_token_logprobs", "paired_token_stats", "PairedTokenStats", "sequence_logprobs",
+           "completion_mask"]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
+class PairedTokenStats(NamedTuple):
+    """Result of :func:`paired_token_stats`. With ``x = logits / temperature`` at each position ``[...]``:
+
+    policy_lp, prior_lp: ``log softmax(x)[y]``. policy_lse, prior_lse: ``logsumexp(x)`` (``V(s)`` of soft
+    Q-learning). entropy: ``H(pi)``. kl: ``KL(pi || a)`` over the vocabulary. policy_seq, prior_seq ``[...[:-1]]``:
+    masked sums of the log-probs over the last dim. policy_max, prior_max: ``max(x)`` (no grad). Policy fields are
+    differentiable with respect to the policy logits (``policy_max`` excepted); prior fields never require grad.
+    Fields not asked for, or without a prior or a mask, are None.
+    """
+
+    policy_lp: Tensor
+    prior_lp: Optional[Tensor]
+    policy_lse: Tensor
+    prior_lse: Optional[Tensor]
+    entropy: Optional[Tensor]
+    kl: Optional[Tensor]
+    policy_seq: Optional[Tensor]
+    prior_seq: Optional[Tensor]
+    policy_max: Tensor
+    prior_max: Optional[Tensor]
+
+
+# ---- torch.library ops (Triton kernels inside) --------------------------------------------------------------
+
+def _kernels():
+    from ..kernels import logprobs as K  # imports triton: only once a Triton backend is chosen
+
+    return K
+
+
+_FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("fdpg::token_stats_fwd", mutates_args=())
+def _token_stats_fwd(policy: Tensor, prior: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
+                     temperature: float, entropy: bool, kl: bool) -> _FWD_OUT:
+    """(lp, lse, max, entropy, kl, seq, prior_lp, prior_lse, prior_max, prior_seq); absent ones are empty [0]."""
+    K = _kernels()
+    o = K.token_stats_forward(policy, prior, targets, temperature, entropy, kl)
+    seq = pseq = None
+    if mask is not None:
+        seq, pseq = K.masked_row_sums(o["lp"], mask, o.get("prior_lp"))
+
+    def get(t):  # absent outputs: distinct empty tensors (outputs of a custom op may not alias each other)
+        return policy.new_empty(0, dtype=torch.float32) if t is None else t
+
+    return (o["lp"], o["lse"], o["max"], get(o.get("entropy")), get(o.get("kl")), get(seq), get(o.get("prior_lp")),
+            get(o.get("prior_lse")), get(o.get("prior_max")), get(pseq))
+
+
+@_token_stats_fwd.register_fake
+def _(policy, prior, targets, mask, temperature, entropy, kl):
+    lead = policy.shape[:-1]
+    tok = lambda on: policy.new_empty(lead if on else (0,), dtype=torch.float32)  # noqa: E731
+    seq = lambda on: policy.new_empty(lead[:-1] if on else (0,), dtype=torch.float32)  # noqa: E731
+    has_prior = prior is not None
+    return (tok(True), tok(True), tok(True), tok(entropy), tok(kl and has_prior), seq(mask is not None),
+            tok(has_prior), tok(has_prior), tok(has_prior), seq(mask is not None and has_prior))
+
+
+def _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
+              grad_seq, temperature, out):
+    return _kernels().token_stats_backward(
+        policy, prior, targets, lse, entropy=entropy, kl=kl, prior_lse=prior_lse, grad_lp=grad_lp,
+        grad_lse=grad_lse, grad_entropy=grad_entropy, grad_kl=grad_kl, grad_seq=grad_seq, mask=mask,
+        temperature=temperature, out=out)
+
+
+@torch.library.custom_op("fdpg::token_stats_bwd", mutates_args=())
+def _token_stats_bwd(policy: Tensor, prior: Optional[Tensor], targets: Tensor, mask: Optional[Tensor], lse: Tensor,
+                     entropy: Optional[Tensor], kl: Optional[Tensor], prior_lse: Optional[Tensor],
+                     grad_lp: Optional[Tensor], grad_lse: Optional[Tensor], grad_entropy: Optional[Tensor],
+                     grad_kl: Optional[Tensor], grad_seq: Optional[Tensor], temperature: float) -> Tensor:
+    """Gradient with respect to ``policy`` (a new contiguous tensor of its dtype)."""
+    return _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy,
+                     grad_kl, grad_seq, temperature, None)
+
+
+@_token_stats_bwd.register_fake
+def _(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
+      grad_seq, temperature):
+    return torch.empty_like(policy, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fdpg::token_stats_bwd_inplace", mutates_args=("policy",))
+def _token_stats_bwd_inplace(policy: Tensor, prior: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
+                             lse: Tensor, entropy: Optional[Tensor], kl: Optional[Tensor],
+                             prior_lse: Optional[Tensor], grad_lp: Optional[Tensor], grad_lse: Optional[Tensor],
+                             grad_entropy: Optional[Tensor], grad_kl: Optional[Tensor], grad_seq: Optional[Tensor],
+                             temperature: float) -> None:
+    """The same gradient, written over ``policy``'s own buffer (the logits are dead after the loss)."""
+    _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
+              grad_seq, temperature, policy)
+
+
+@_token_stats_bwd_inplace.register_fake
+def _(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
+      grad_seq, temperature):
+    return None
+
+
+class _TokenStats(torch.autograd.Function):
+    """Triton forward and backward of :func:`paired_token_stats`; outputs as ``fdpg::token_stats_fwd``."""
+
+    @staticmethod
+    def forward(ctx, policy, prior, targets, mask, temperature, entropy, kl, inplace):
+        outs = torch.ops.fdpg.token_stats_fwd(policy, prior, targets, mask, temperature, entropy, kl)
+        lp, lse, mx, ent, klv, seq, plp, plse, pmx, pseq = outs
+        # the prior's logits are kept alive for backward only when KL needs them
+        ctx.save_for_backward(policy, prior if kl else None, targets, mask, lse, ent if entropy else None,
+                              klv if kl else None, plse if kl else None)
+        ctx.temperature, ctx.entropy, ctx.kl, ctx.inplace = temperature, entropy, kl, inplace
+        ctx.has_mask = mask is not None
+        ctx.mark_non_differentiable(mx, plp, plse, pmx, pseq)
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_lp, g_lse, _gmx, g_ent, g_kl, g_seq, *_prior):
+        policy, prior, targets, mask, lse, ent, klv, plse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        g_ent = g_ent if ctx.entropy else None
+        g_kl = g_kl if ctx.kl else None
+        g_seq = g_seq if ctx.has_mask else None
+        if g_lp is None and g_lse is None and g_ent is None and g_kl is None and g_seq is None:
+            return (None,) * 8
+        args = (policy, prior if g_kl is not None else None, targets, mask if g_seq is not None else None, lse,
+                ent if g_ent is not None else None, klv if g_kl is not None else None,
+                plse if g_kl is not None else None, g_lp, g_lse, g_ent, g_kl, g_seq, ctx.temperature)
+        if ctx.inplace:
+            torch.ops.fdpg.token_stats_bwd_inplace(*args)
+            grad = policy.detach()
+        else:
+            grad = torch.ops.fdpg.token_stats_bwd(*args)
+        return grad, None, None, None, None, None, None, None
+
+
+# ---- public ops -----------------------------------------------------------------------------------------------
+
+def _resolve(backend: str, logits: Tensor, *others: Tensor | None) -> str:
+    be = C.backend(backend, logits.device)
+    if be != "triton":
+        return be
+    wide = [t for t in (logits, *others) if t is not None and t.dtype == torch.float64]
+    if wide:
+        if backend == "auto":
+            return "torch"  # float64 is the reference precision: the torch path keeps it
+        raise TypeError(f"backend: the Triton kernels take float16, bfloat16 or float32 logits, got float64; "
+                        f"use backend='torch' (or 'auto') for float64")
+    return "triton"
+
+
+def _inplace_flag(inplace) -> bool:
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace).__name__}")
+    return inplace
+
+
+def _inplace_ok(logits: Tensor, inplace: bool) -> bool:
+    """In-place backward where asked for and possible (not into an ``expand``-ed tensor whose rows share memory)."""
+    return inplace and not _kernels().overlapping(logits)
+
+
+def _check_mask(mask, targets: Tensor) -> None:
+    C.tensor("mask", mask)
+    if targets.dim() == 0:
+        raise ValueError("mask: needs targets with at least one dim (the sums run over the last dim)")
+    if tuple(mask.shape) != tuple(targets.shape):
+        raise ValueError(f"mask: expected shape {tuple(targets.shape)} like targets, got {tuple(mask.shape)}")
+
+
+def paired_token_stats(policy_logits: Tensor, prior_logits: Tensor | None, targets: Tensor, *,
+                       mask: Tensor | None = None, entropy: bool = False, kl: bool = False, temperature: float = 1.0,
+                       backend: str = "auto", validate: bool | None = None,
+                       inplace_backward: bool = False) -> PairedTokenStats:
+    """Per-token log-probs, logsumexp and max of policy and prior, and optionally the policy's entropy, the exact
+    ``KL(pi || a)`` and masked per-sequence sums, in one pass over each row of logits.
+
+    Args:
+        policy_logits: ``[..., V]`` (e.g. ``[B, T, V]``), float16, bfloat16 or float32 (float64: torch backend);
+            any strides (``logits[:, :-1]`` is read without a copy).
+        prior_logits: ``[..., V]`` like ``policy_logits`` (dtype may differ), or None (policy only).
+        targets: ``[...]`` integer token ids in ``[0, V)``.
+        mask: ``[...]`` bool (or 0/1 numbers): adds ``policy_seq``/``prior_seq``, the masked sums of the
+            log-probs over the last dim (``[B]`` for ``[B, T]``); masked positions count exactly 0.
+        entropy, kl: also return ``H(pi)`` and ``KL(pi || a)`` (``kl`` needs ``prior_logits``), float32 ``[...]``,
+            differentiable with respect to ``policy_logits``.
+        temperature: both distributions are ``softmax(logits / temperature)``.
+        backend: ``"auto" | "triton" | "torch"``.
+        validate: check values (token ids in range, NaN/+inf rows); default on except for CUDA tensors.
+        inplace_backward: the Triton backward writes the gradient into ``policy_logits``' own buffer (no new
+            ``[..., V]`` tensor); only when the logits are not used after this op. Ignored by the torch backend.
+
+    Returns:
+        :class:`PairedTokenStats`, float32 (float64 for float64 logits under the torch backend).
+    """
+    V = C.logits_and_targets("policy_logits", policy_logits, targets)
+    if prior_logits is not None:
+        Vp = C.logits_and_targets("prior_logits", prior_logits, targets)
+        if Vp != V:
+            raise ValueError(f"prior_logits: vocabulary size {Vp} differs from policy_logits' {V}; policy and "
+                             "prior must share one vocabulary")
+    elif kl:
+        raise ValueError("kl: KL(pi || a) needs prior_logits; got prior_logits=None")
+    if mask is not None:
+        _check_mask(mask, targets)
+    tau = C.temperature(temperature)
+    inplace_backward = _inplace_flag(inplace_backward)
+    C.same_device(policy_logits=policy_logits, prior_logits=prior_logits, targets=targets, mask=mask)
+    check = C.should_validate(validate, policy_logits)
+    if check:
+        C.target_range(targets, V)
+        if mask is not None and (mask.numel() == 0 or not bool(mask.bool().any())):
+            raise ValueError("mask: every position of the batch is masked; expected at least one unmasked token")
+    be = _resolve(backend, policy_logits, prior_logits)
+    entropy, kl = bool(entropy), bool(kl)
+    if be == "triton":
+        prior = None if prior_logits is None else prior_logits.detach()
+        outs = _TokenStats.apply(policy_logits, prior, targets, mask, tau, entropy, kl,
+                                 _inplace_ok(policy_logits, inplace_backward))
+        lp, lse, mx, ent, klv, seq, plp, plse, pmx, pseq = outs
+        has_prior = prior is not None
+        res = PairedTokenStats(lp, plp if has_prior else None, lse, plse if has_prior else None,
+                               ent if entropy else None, klv if kl else None,
+                               seq if mask is not None else None,
+                               pseq if mask is not None and has_prior else None,
+                               mx, pmx if has_prior else None)
+    else:
+        d = reference.paired_token_stats(policy_logits, prior_logits, targets, mask, entropy, kl, tau)
+        res = PairedTokenStats(**d)
+    if check:
+        C.finite_lse("policy_logits", res.policy_lse)
+        if res.prior_lse is not None:
+            C.finite_lse("prior_logits", res.prior_lse)
+    return res
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0, backend: str = "auto",
+                   validate: bool | None = None, inplace_backward: bool = False) -> Tensor:
     """Log-probability of each target token: ``log_softmax(logits / temperature)[targets]``.
 
     Args:
-        logits: ``[..., V]`` (e.g. ``[B, T, V]`` or ``[N, V]``), float16, bfloat16, float32 or float64.
+        logits: ``[..., V]`` (e.g. ``[B, T, V]`` or ``[N, V]``), float16, bfloat16, float32 or float64 (float64
+            runs the torch backend).
         targets: ``[...]`` integer token ids in ``[0, V)``.
         temperature: positive float; the distribution is ``softmax(logits / temperature)``.
         backend: ``"auto" | "triton" | "cuda" | "torch"``.
         validate: check values (token-id range, NaN/+inf rows); default on except for CUDA tensors.
+        inplace_backward: Triton backend: write the gradient into ``logits``' buffer (see
+            :func:`paired_token_stats`).
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits), differentiable with respect to ``logits``.
     """
     V = C.logits_and_targets("logits", logits, targets)
     tau = C.temperature(temperature)
+    inplace_backward = _inplace_flag(inplace_backward)
     C.same_device(logits=logits, targets=targets)
     check = C.should_validate(validate, logits)
     if check:
         C.target_range(targets, V)
-    C.backend(backend, logits.device)
-    lp, lse = reference.token_logprobs_lse(logits, targets, tau)
+    if _resolve(backend, logits) == "triton":
+        outs = _TokenStats.apply(logits, None, targets, None, tau, False, False, _inplace_ok(logits, inplace_backward))
+        lp, lse = outs[0], outs[1]
+    else:
+        lp, lse = reference.token_logprobs_lse(logits, targets, tau)
     if check:
         C.finite_lse("logits", lse)
     return lp
 
 
-def paired_token_logprobs(policy_logits: torch.Tensor, prior_logits: torch.Tensor, targets: torch.Tensor, *,
-                          temperature: float = 1.0, backend: str = "auto",
-                          validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the same targets under the policy and the frozen prior.
+def paired_token_logprobs(policy_logits: Tensor, prior_logits: Tensor, targets: Tensor, *,
+                          temperature: float = 1.0, backend: str = "auto", validate: bool | None = None,
+                          inplace_backward: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the same targets under the policy and the frozen prior, in one pass.
 
     Args:
         policy_logits, prior_logits: ``[..., V]`` each (same shape; dtypes may differ).
         targets: ``[...]`` integer token ids.
+        inplace_backward: Triton backend: write the gradient into ``policy_logits``' buffer.
 
     Returns:
         ``(policy_lp, prior_lp)``, both ``[...]`` float32. Gradient flows to ``policy_logits`` only;
-        ``prior_lp`` never requires grad.
+        ``prior_lp`` never requires grad. :func:`paired_token_stats` has the rest (entropy, KL, sums).
     """
-    V = C.logits_and_targets("policy_logits", policy_logits, targets)
-    Vp = C.logits_and_targets("prior_logits", prior_logits, targets)
-    if Vp != V:
-        raise ValueError(f"prior_logits: vocabulary size {Vp} differs from policy_logits' {V}; policy and prior "
-                         "must share one vocabulary")
-    tau = C.temperature(temperature)
-    C.same_device(policy_logits=policy_logits, prior_logits=prior_logits, targets=targets)
-    check = C.should_validate(validate, policy_logits)
-    if check:
-        C.target_range(targets, V)
-    C.backend(backend, policy_logits.device)
-    policy_lp, policy_lse = reference.token_logprobs_lse(policy_logits, targets, tau)
-    with torch.no_grad():
-        prior_lp, prior_lse = reference.token_logprobs_lse(prior_logits.detach(), targets, tau)
-    if check:
-        C.finite_lse("policy_logits", policy_lse)
-        C.finite_lse("prior_logits", prior_lse)
-    return policy_lp, prior_lp
+    C.tensor("prior_logits", prior_logits)
+    st = paired_token_stats(policy_logits, prior_logits, targets, temperature=temperature, backend=backend,
+                            validate=validate, inplace_backward=inplace_backward)
+    return st.policy_lp, st.prior_lp
 
 
-def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, *, validate: bool | None = None) -> torch.Tensor:
+def sequence_logprobs(token_lp: Tensor, mask: Tensor, *, validate: bool | None = None) -> Tensor:
     """Masked per-sequence sums: ``token_lp [B, T]``, ``mask [B, T]`` (bool, or 0/1 numbers) -> ``[B]``.
 
     Masked positions contribute exactly 0 (even where ``token_lp`` is -inf). A fully masked row sums to 0; a
@@ -87,7 +328,7 @@ def sequence_logprobs(token_lp: torch.Tensor, mask: torch.Tensor, *, validate: b
     return reference.sequence_logprobs(token_lp, mask)
 
 
-def completion_mask(tokens: torch.Tensor, eos_token_id: int | None, *, start: int = 0) -> torch.Tensor:
+def completion_mask(tokens: Tensor, eos_token_id: int | None, *, start: int = 0) -> Tensor:
     """Mask of the sampled continuation: positions ``>= start`` up to and including the first EOS after ``start``.
 
     Built by position, never by token id, so it is right when pad == eos (GPT-2). tokens ``[B, T]`` -> bool
