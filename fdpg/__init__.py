@@ -2,6 +2,8 @@
 from . import divergences, reference
 from .ops import (
     FDPGCoefficients,
+    LinearLogprobs,
+    PairedLinearLogprobs,
     PairedTokenStats,
     completion_mask,
     divergence_estimates,
@@ -18,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "token_logprobs", "paired_token_logprobs", "paired_token_stats", "PairedTokenStats", "sequence_logprobs", "completion_mask",
-    "linear_token_logprobs", "paired_linear_token_logprobs",
+    "linear_token_logprobs", "paired_linear_token_logprobs", "LinearLogprobs", "PairedLinearLogprobs",
     "fdpg_coefficients", "divergence_estimates", "FDPGCoefficients",
     "divergences", "reference",
 ]
