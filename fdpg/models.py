@@ -1,0 +1,245 @@
+"""Models: a tiny GPT-2 built from a seed, or a local Hugging Face causal LM; the scoring forward pass.
+
+    >>> from fdpg.models import build_tiny, load_model
+    >>> prior = build_tiny(vocab_size=6, n_layer=2, n_embd=32, seed=0)      # same weights for the same seed
+    >>> prior.save_pretrained("my_prior")
+    >>> same, tokenizer = load_model("my_prior")                            # tokenizer is None when none was saved
+
+Every model fdpg trains or scores is a ``transformers`` causal LM in eval mode (dropout off: the policy gradient
+needs the log pi of the sampling pass and of the scoring pass to be the same function).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+import fdpg
+from .config import ConfigError
+
+__all__ = ["quiet", "build_tiny", "load_model", "vocab_size", "eos_token_id", "bos_token_id",
+           "use_fused_output", "score_tokens", "score_sequences", "model_inputs"]
+
+
+def build_tiny(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 0, n_head: int | None = None,
+               eos_token_id: int | None = 0, n_positions: int = 128, initializer_range: float = 0.02):
+    """A randomly initialised GPT-2 (``GPT2LMHeadModel``), the same weights for the same arguments.
+
+    ``eos_token_id`` (default 0) ends sequences and, as in GPT-2, doubles as the BOS token that starts an
+    unconditional sample; ``None`` means no EOS (every sequence has ``max_length`` tokens; token 0 starts them).
+    Dropout is off. ``initializer_range`` is the std of the weights: larger gives a peakier prior.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if n_head is None:
+        n_head = max(1, n_embd // 16) if n_embd % 16 == 0 else 1
+    if n_embd % n_head:
+        raise ConfigError("n_head", f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise ConfigError("eos_token_id", f"expected a token id in [0, {vocab_size}), got {eos_token_id}")
+    special = 0 if eos_token_id is None else eos_token_id
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=special, eos_token_id=eos_token_id,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=initializer_range,
+                     activation_function="gelu_pytorch_tanh")  # GPT-2's gelu_new, as one fused op
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(cfg)
+    return model.eval()
+
+
+def load_model(path: str, *, key: str = "prior", dtype: torch.dtype | None = None):
+    """``(model, tokenizer_or_None)`` from a local directory written by ``save_pretrained`` (no hub access)."""
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(path, str) or not path:
+        raise ConfigError(key, f"expected a path to a local Hugging Face model directory, got {path!r}")
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        raise ConfigError(key, f"no model directory at {path!r} (fdpg loads local Hugging Face causal LMs only, "
+                              "written by save_pretrained; nothing is downloaded)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(key, f"{path!r} has no config.json: not a Hugging Face model directory")
+    try:
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                         **({"dtype": dtype} if dtype is not None else {}))
+    except Exception as e:  # transformers raises many kinds; the user needs the path and the cause
+        raise ConfigError(key, f"cannot load a causal LM from {path!r}: {type(e).__name__}: {e}") from None
+    return model.eval(), load_tokenizer(path)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Hugging Face's progress bars off (saving and loading shards) for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in ``path``, or None when there is none."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        return None
+
+
+def vocab_size(model) -> int:
+    """Rows of the output layer (the distribution's support), which may exceed the tokenizer's size."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def eos_token_id(model) -> int | None:
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+def bos_token_id(model) -> int:
+    """The token an unconditional sample starts from: BOS, else EOS (GPT-2), else 0."""
+    for name in ("bos_token_id", "eos_token_id"):
+        v = getattr(model.config, name, None)
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def max_positions(model) -> int | None:
+    for name in ("n_positions", "max_position_embeddings"):
+        v = getattr(model.config, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+# Model families whose output layer is a plain Linear applied to the base model's last hidden state (no logit
+# scaling or soft-capping), so that the fused output-layer op computes exactly the model's log-probs.
+_FUSABLE = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo", "olmo2", "smollm3", "gptj"}
+
+
+def use_fused_output(model, choice: str = "auto") -> bool:
+    """Whether to score through ``fdpg.paired_linear_token_logprobs`` (``choice``: "auto" | "fused" | "logits").
+
+    "auto": fused on a GPU for the model families known to apply a plain Linear output layer (the B x T x V logits
+    never exist); the logits path elsewhere (on the CPU the torch fused path would only add a recompute).
+    """
+    if choice == "logits":
+        return False
+    head = model.get_output_embeddings()
+    ok = isinstance(head, torch.nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
+    if choice == "fused":
+        if not ok:
+            raise ConfigError("output_layer", f"{type(model).__name__} has no plain Linear output layer over a base "
+                                             "model; use output_layer: logits")
+        return True
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return ok and on_gpu and getattr(model.config, "model_type", None) in _FUSABLE
+
+
+@dataclass
+class ModelInputs:
+    """One forward pass over ``[context | continuation]``: ids ``[B, P+T]``, attention_mask ``[B, P+T]`` or None
+    (no padding), position_ids ``[B, P+T]`` or None, and ``P`` (the first continuation token is at ``P``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    P: int
+
+
+def model_inputs(context_ids: torch.Tensor, context_mask: torch.Tensor | None, tokens: torch.Tensor) -> ModelInputs:
+    """Concatenate the (left-padded) contexts ``[B, P]`` and the continuations ``[B, T]``."""
+    ids = torch.cat([context_ids, tokens], 1)
+    if context_mask is None:
+        return ModelInputs(ids, None, None, context_ids.shape[1])
+    attn = torch.cat([context_mask.long(), torch.ones_like(tokens)], 1)
+    pos = (attn.cumsum(1) - 1).clamp_min(0)
+    return ModelInputs(ids, attn, pos, context_ids.shape[1])
+
+
+def _hidden(model, inp: ModelInputs) -> torch.Tensor:
+    out = model.base_model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                           position_ids=inp.position_ids, use_cache=False)
+    return out[0]
+
+
+def _logits(model, inp: ModelInputs) -> torch.Tensor:
+    return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
+                 use_cache=False).logits
+
+
+def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused: bool,
+                 with_prior: bool = True, policy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``[B, T]`` float32 of ``tokens`` under the policy (with grad) and the prior (inference
+    mode), from one forward pass of each model and the paired op of :mod:`fdpg` (fused with the output layer
+    when ``fused``). Returns ``(policy_lp, prior_lp or None)``; positions after EOS hold garbage: mask them.
+    """
+    P, T = inp.P, tokens.shape[1]
+    sl = slice(P - 1, P + T - 1)  # the logits at position i predict token i + 1
+    grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
+    if fused:
+        with grad_ctx:
+            h_pi = _hidden(policy, inp)[:, sl]
+        w_pi = policy.get_output_embeddings()
+        if with_prior:
+            with torch.inference_mode():
+                h_a = _hidden(prior, inp)[:, sl]
+            w_a = prior.get_output_embeddings()
+            with grad_ctx:
+                return fdpg.paired_linear_token_logprobs(h_pi, w_pi.weight, h_a, w_a.weight, tokens,
+                                                         policy_bias=w_pi.bias, prior_bias=w_a.bias,
+                                                         validate=False)
+        with grad_ctx:
+            return fdpg.linear_token_logprobs(h_pi, w_pi.weight, tokens, bias=w_pi.bias, validate=False), None
+    with grad_ctx:
+        z_pi = _logits(policy, inp)[:, sl]
+    if with_prior:
+        with torch.inference_mode():
+            z_a = _logits(prior, inp)[:, sl]
+        with grad_ctx:
+            return fdpg.paired_token_logprobs(z_pi, z_a, tokens, validate=False)
+    with grad_ctx:
+        return fdpg.token_logprobs(z_pi, tokens, validate=False), None
+
+
+def score_sequences(policy, prior, inp: ModelInputs, tokens: torch.Tensor, mask: torch.Tensor, *, fused: bool,
+                    policy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs ``(log pi(x), log a(x))``, ``[B]`` float32 each, of the continuations ``tokens [B, T]``
+    under ``mask [B, T]``: one forward pass of each model (the prior in inference mode), then one fused op
+    (:func:`fdpg.paired_token_stats` over the logits, or the output layer fused in with
+    :func:`fdpg.paired_linear_token_logprobs`). Only ``log pi`` carries grad (when ``policy_grad``).
+    """
+    if fused:
+        tok_pi, tok_a = score_tokens(policy, prior, inp, tokens, fused=True, policy_grad=policy_grad)
+        return (fdpg.sequence_logprobs(tok_pi, mask, validate=False),
+                fdpg.sequence_logprobs(tok_a, mask, validate=False))
+    P, T = inp.P, tokens.shape[1]
+    sl = slice(P - 1, P + T - 1)
+    grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
+    with grad_ctx:
+        z_pi = _logits(policy, inp)[:, sl]
+    with torch.inference_mode():
+        z_a = _logits(prior, inp)[:, sl]
+    with grad_ctx:
+        st = fdpg.paired_token_stats(z_pi, z_a, tokens, mask=mask, validate=False)
+    return st.policy_seq, st.prior_seq

@@ -1,0 +1,152 @@
+"""Pure ancestral sampling from a causal LM with its KV cache; the proposal's log-probs come out of the same pass.
+
+    >>> s = sample(model, 64, max_length=32, eos_token_id=0, generator=torch.Generator().manual_seed(0))
+    >>> s.tokens, s.mask, s.logprob          # [64, T'] long, [64, T'] bool, [64] float32 (T' <= 32)
+
+No temperature, top-k or top-p: importance weights need the true q(x). A sequence ends at its first EOS (which
+belongs to it) or at ``max_length`` tokens; later positions are padding, masked by position
+(:func:`fdpg.completion_mask`), never by token id.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import torch
+
+import fdpg
+
+__all__ = ["Samples", "sample", "left_pad", "cat_samples"]
+
+
+@dataclass
+class Samples:
+    """A batch of continuations and the contexts they were drawn after.
+
+    tokens ``[B, T]`` long (padding after the end), mask ``[B, T]`` bool (the continuation, EOS included),
+    token_logprob ``[B, T]`` float32 (log q per token, 0 where masked), logprob ``[B]`` float32 (log q(x)),
+    context_ids ``[B, P]`` long (left-padded), context_mask ``[B, P]`` bool or None (no padding),
+    context_index ``[B]`` long (which context; 0 for unconditional sampling).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    token_logprob: torch.Tensor
+    logprob: torch.Tensor
+    context_ids: torch.Tensor
+    context_mask: torch.Tensor | None
+    context_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device) -> "Samples":
+        return Samples(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                          for f in fields(self)})
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-pad token-id lists into ``(ids [B, P] long, mask [B, P] bool or None when nothing is padded)``."""
+    P = max(len(s) for s in seqs)
+    if P == 0:
+        raise ValueError("contexts: every context is empty; give at least one token (e.g. BOS)")
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s) == 0:
+            raise ValueError(f"contexts: context {i} is empty; give at least one token (e.g. BOS)")
+        ids[i, P - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = True
+    if bool(mask.all()):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None, bos_token_id: int = 0,
+           context_ids: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+           context_index: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1) -> Samples:
+    """Draw ``batch_size`` sequences by ancestral sampling with the KV cache.
+
+    Args:
+        model: a Hugging Face causal LM (eval mode).
+        max_length: the most tokens per continuation.
+        eos_token_id: the token that ends a sequence, or None (every sequence has ``max_length`` tokens).
+        bos_token_id: the one-token context of unconditional samples (when ``context_ids`` is None).
+        context_ids: ``[batch_size, P]`` left-padded contexts (with ``context_mask`` ``[batch_size, P]`` bool, or
+            None when nothing is padded) and ``context_index`` ``[batch_size]``, carried into the result.
+        generator: the source of randomness (on the model's device).
+        autocast_dtype: run the model under autocast to this dtype (e.g. bfloat16 on a GPU); log-probs are float32.
+        stop_check_every: test every this many tokens whether all sequences have ended (a host sync).
+
+    Returns:
+        :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
+    """
+    dev = next(model.parameters()).device
+    if context_ids is None:
+        context_ids = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=dev)
+        context_mask = None
+    if context_index is None:
+        context_index = torch.zeros(batch_size, dtype=torch.long, device=dev)
+    B, P = context_ids.shape
+    if B != batch_size:
+        raise ValueError(f"context_ids: expected {batch_size} rows (batch_size), got {B}")
+    amp = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    attn = None if context_mask is None else context_mask.long()
+    pos = None if context_mask is None else (attn.cumsum(1) - 1).clamp_min(0)
+    next_pos = None if pos is None else pos[:, -1:] + 1
+    pad = 0 if eos_token_id is None else eos_token_id
+    tokens, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    ids, cache = context_ids, None
+    for t in range(max_length):
+        with amp:
+            out = model(input_ids=ids, past_key_values=cache, attention_mask=attn, position_ids=pos, use_cache=True)
+        cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        # inverse CDF in float64 (one uniform per row): exact to rounding, cheaper than multinomial's V exponentials
+        cdf = logp.exp().double().cumsum(-1)
+        u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=dev) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        tokens.append(tok)
+        ids = tok[:, None]
+        if attn is not None:
+            attn = torch.cat([attn, torch.ones_like(ids)], 1)
+            pos, next_pos = next_pos, next_pos + 1
+        if eos_token_id is not None:
+            done = done | (tok == eos_token_id)
+            if (t + 1) % stop_check_every == 0 and t + 1 < max_length and bool(done.all()):
+                break
+    tokens = torch.stack(tokens, 1)
+    token_lp = torch.stack(lps, 1)
+    mask = fdpg.completion_mask(tokens, eos_token_id)
+    return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
+                   context_ids=context_ids, context_mask=context_mask, context_index=context_index)
+
+
+def cat_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """Concatenate batches (right-padding continuations, left-padding contexts to common widths)."""
+    T = max(p.tokens.shape[1] for p in parts)
+    P = max(p.context_ids.shape[1] for p in parts)
+
+    def rpad(x, value):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+    def lpad(x, value):
+        return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
+
+    cm = [p.context_mask if p.context_mask is not None else torch.ones_like(p.context_ids, dtype=torch.bool)
+          for p in parts]
+    ctx_mask = torch.cat([lpad(m, False) for m in cm])
+    return Samples(tokens=torch.cat([rpad(p.tokens, pad_id) for p in parts]),
+                   mask=torch.cat([rpad(p.mask, False) for p in parts]),
+                   token_logprob=torch.cat([rpad(p.token_logprob, 0.0) for p in parts]),
+                   logprob=torch.cat([p.logprob for p in parts]),
+                   context_ids=torch.cat([lpad(p.context_ids, pad_id) for p in parts]),
+                   context_mask=None if bool(ctx_mask.all()) else ctx_mask,
+                   context_index=torch.cat([p.context_index for p in parts]))

@@ -1,0 +1,738 @@
+"""The training loop: f-DPG (DPG, GDC++, any f-divergence, KL-control), on- or off-policy, online or offline.
+
+One step reads top to bottom (:meth:`Trainer.train_step`):
+
+1. sample ``x ~ q`` with the KV cache (q = pi on-policy; a frozen snapshot of pi for DPG's KL-adaptive proposal;
+   a stored batch offline), log q(x) from the sampling pass;
+2. score policy and prior in one paired pass (prior in inference mode) and the target's ``log b(x)``:
+   ``log P = log a + log b``;
+3. update the running ``log Z`` (per context) in log space;
+4. ``c_i = (pi_i/q_i)(f'(pi_i/p_i) - B)`` from :func:`fdpg.fdpg_coefficients`; surrogate ``mean(c_i log pi(x_i))``;
+5. one backward (gradient accumulation over ``grad_accum`` batches), clipping, AdamW, LR schedule.
+
+    >>> from fdpg.trainer import train
+    >>> run_dir = train("examples/tiny_js.yaml", overrides=["steps=100"])     # writes run_dir/metrics.jsonl
+
+Nothing in the step synchronises with the host except the KL-adaptive proposal decision; figures are
+accumulated as tensors and read at evaluation time.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+import fdpg
+from . import divergences, exact as exact_mod
+from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from .data import OfflineData, load_offline, load_prompts
+from .models import (bos_token_id, build_tiny, eos_token_id, load_model, load_tokenizer, max_positions,
+                     model_inputs, quiet, score_sequences, use_fused_output, vocab_size)
+from .sampling import Samples, cat_samples, left_pad, sample
+from .targets import SeqBatch, Target, TargetScores, build_target, fit_lambdas
+
+__all__ = ["Trainer", "train", "Scored", "TIMING_KEYS"]
+
+# Metrics that measure the machine, not the run: they differ between otherwise identical runs.
+TIMING_KEYS = ("samples_per_s", "tokens_per_s", "time")
+
+
+@dataclass
+class Scored:
+    """A batch scored: policy_lp ``[B]`` (with grad when asked), prior_lp ``[B]``, log_P ``[B]`` = log a + log b,
+    the target's scores, and proposal_lp ``[B]`` (log q)."""
+
+    policy_lp: torch.Tensor
+    prior_lp: torch.Tensor
+    proposal_lp: torch.Tensor
+    log_P: torch.Tensor
+    target: TargetScores
+
+
+def _finite_or_none(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, list):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`~fdpg.config.Config`, checks it before training, and trains.
+
+    ``resume=True`` continues from the newest complete checkpoint in ``output_dir/checkpoints`` (or starts afresh
+    when there is none). ``log`` receives one-line messages (default: stderr).
+    """
+
+    def __init__(self, config: Config, *, resume: bool = False, log=None):
+        self.cfg = cfg = config
+        self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = self._device(cfg.device)
+        on_gpu = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu) else None
+        self.out = Path(cfg.output_dir)
+        if not resume and (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").glob("step-*")):
+            raise ConfigError("output_dir", f"{str(self.out)!r} holds checkpoints of an earlier run; pass --resume "
+                                            "(resume=True) to continue it, or choose another output_dir")
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+
+        # ---- models: the frozen prior a, the policy pi (a copy of a unless given), the proposal q
+        self.prior, tokenizer = self._model(cfg.prior, "prior")
+        self.prior.float().requires_grad_(False)
+        if cfg.policy is None:
+            self.policy = copy.deepcopy(self.prior)
+        else:
+            self.policy, tok2 = self._model(cfg.policy, "policy")
+            tokenizer = tokenizer or tok2
+        self.policy.float().requires_grad_(True)          # float32 master weights (autocast does bf16 compute)
+        if self.amp_dtype is not None:
+            self.prior.to(self.amp_dtype)                  # inference only: half the memory
+        if cfg.tokenizer is not None:
+            if not os.path.isdir(cfg.tokenizer):
+                raise ConfigError("tokenizer", f"no tokenizer directory at {cfg.tokenizer!r}")
+            tokenizer = load_tokenizer(cfg.tokenizer)
+            if tokenizer is None:
+                raise ConfigError("tokenizer", f"no tokenizer found in {cfg.tokenizer!r}")
+        self.tokenizer = tokenizer
+        self.V = vocab_size(self.prior)
+        if vocab_size(self.policy) != self.V:
+            raise ConfigError("policy", f"vocabulary size {vocab_size(self.policy)} differs from the prior's {self.V}; "
+                                        "policy and prior must share one vocabulary")
+        self.eos, self.bos = eos_token_id(self.prior), bos_token_id(self.prior)
+        if eos_token_id(self.policy) != self.eos:
+            raise ConfigError("policy", f"EOS token {eos_token_id(self.policy)} differs from the prior's {self.eos}")
+        self.pad = 0 if self.eos is None else self.eos
+        self.fused = use_fused_output(self.policy, cfg.output_layer) and use_fused_output(self.prior, cfg.output_layer)
+        self.on_policy = cfg.offline is None and cfg.proposal.update == "on_policy"
+        self.proposal = None
+        if cfg.proposal.update == "kl_adaptive":
+            self.proposal = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+        # ---- contexts: one BOS (unconditional), prompts (conditional), or those of an offline file
+        self.offline: OfflineData | None = None
+        if cfg.offline is not None:
+            self.offline = load_offline(cfg.offline, vocab_size=self.V, max_length=cfg.max_length,
+                                        eos_token_id=self.eos, bos_token_id=self.bos)
+            self.contexts = self.offline.contexts
+        elif cfg.prompts is not None:
+            self.contexts = load_prompts(cfg.prompts, tokenizer=self.tokenizer, vocab_size=self.V)
+        else:
+            self.contexts = [[self.bos]]
+        self.conditional = cfg.prompts is not None or len(self.contexts) > 1 or self.contexts[0] != [self.bos]
+        ctx_ids, ctx_mask = left_pad(self.contexts, self.pad)
+        self.ctx_ids, self.ctx_mask = ctx_ids.to(self.device), None if ctx_mask is None else ctx_mask.to(self.device)
+        self.ctx_len = torch.tensor([len(c) for c in self.contexts])
+        limit = max_positions(self.prior)
+        if limit is not None and int(self.ctx_len.max()) + cfg.max_length > limit:
+            raise ConfigError("max_length", f"contexts of up to {int(self.ctx_len.max())} tokens plus max_length "
+                                            f"{cfg.max_length} exceed the model's {limit} positions")
+
+        # ---- target P(x) = a(x) b(x) and divergence
+        search = [Path.cwd()]
+        self.target: Target = build_target(cfg.target, log_b_floor=cfg.log_b_floor, tokenizer=self.tokenizer,
+                                           vocab_size=self.V, search=search)
+        self.divergence = divergences.get(cfg.divergence)
+
+        # ---- optimisation
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+        # ---- state
+        C = len(self.contexts)
+        self.step, self.samples_seen, self.proposal_updates = 0, 0, 0
+        self.z_logsum = torch.full((C,), -math.inf, dtype=torch.float64, device=self.device)
+        self.z_count = torch.zeros(C, dtype=torch.float64, device=self.device)
+        self.last_kl_p_q: float | None = None
+        self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.offline_perm, self.offline_pos = None, 0
+        self._elapsed = 0.0
+        if self.offline is not None:
+            self.offline_perm = torch.randperm(len(self.offline), generator=self.data_gen)
+        self._reset_window()
+
+        # ---- before training: exact space, probe, lambdas (or the checkpoint's)
+        self.space = self._exact_space()
+        ckpt = self._find_checkpoint() if resume else None
+        if ckpt is None:
+            if resume:
+                self.log(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            self._probe()
+            if self.target.features and self.target.lambdas is None:
+                self._fit_lambdas()
+            self.resumed_from = None
+        else:
+            self._load_checkpoint(ckpt)
+            self.resumed_from = ckpt
+        self._exact_cache = self._build_exact_cache() if self.space is not None else None
+
+    # ------------------------------------------------------------------------------------------ setup helpers
+
+    @staticmethod
+    def _device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", f"{name!r} requested but CUDA is not available")
+        return dev
+
+    def _model(self, spec, key: str):
+        if spec.tiny is not None:
+            t = spec.tiny
+            try:
+                model = build_tiny(**dataclasses.asdict(t))
+            except ConfigError as e:
+                raise ConfigError(f"{key}.tiny.{e.key}", str(e).split(": ", 1)[1]) from None
+            tokenizer = None
+        else:
+            model, tokenizer = load_model(spec.path, key=key)
+        return model.to(self.device).eval(), tokenizer
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def _amp(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _exact_space(self):
+        cfg = self.cfg
+        if cfg.eval.exact is False:
+            return None
+        n = exact_mod.space_size(self.V, cfg.max_length, self.eos) * len(self.contexts)
+        if n > cfg.eval.max_space:
+            if cfg.eval.exact is True:
+                raise ConfigError("eval.exact", f"the space holds {n:.3g} sequences (vocabulary {self.V}, max_length "
+                                                f"{cfg.max_length}, {len(self.contexts)} context(s)), more than "
+                                                f"eval.max_space = {cfg.eval.max_space:.3g}; set eval.exact: false")
+            return None
+        return exact_mod.enumerate_space(self.V, cfg.max_length, self.eos)
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def _context_batch(self, n: int, gen: torch.Generator | None = None):
+        """Contexts for ``n`` samples: ``(ids [n, P], mask or None, index [n])`` or Nones (unconditional)."""
+        if not self.conditional:
+            return None, None, None
+        spc = self.cfg.samples_per_context
+        n_ctx = -(-n // spc)
+        idx = torch.randint(len(self.contexts), (n_ctx,), generator=gen or self.data_gen)
+        idx = idx.repeat_interleave(spc)[:n]
+        return self._contexts_of(idx)
+
+    def _contexts_of(self, idx: torch.Tensor):
+        lens = self.ctx_len[idx]
+        P, full = int(lens.max()), self.ctx_ids.shape[1]
+        dev_idx = idx.to(self.device)
+        ids = self.ctx_ids[dev_idx, full - P:]
+        mask = None
+        if self.ctx_mask is not None and int(lens.min()) != P:
+            mask = self.ctx_mask[dev_idx, full - P:]
+        return ids, mask, dev_idx
+
+    def draw(self, n: int, model=None, *, sample_gen: torch.Generator | None = None,
+             data_gen: torch.Generator | None = None) -> Samples:
+        """``n`` fresh samples from ``model`` (default: the policy) on the trainer's contexts; the generators
+        default to the trainer's (whose states are checkpointed)."""
+        ids, mask, idx = self._context_batch(n, data_gen)
+        return sample(model if model is not None else self.policy, n, self.cfg.max_length, eos_token_id=self.eos,
+                      bos_token_id=self.bos, context_ids=ids, context_mask=mask, context_index=idx,
+                      generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
+                      stop_check_every=1 if self.device.type == "cpu" else 16)
+
+    def _offline_batch(self, n: int) -> Samples:
+        data, parts, need = self.offline, [], n
+        while need:
+            if self.offline_pos == len(data):
+                self.offline_perm = torch.randperm(len(data), generator=self.data_gen)
+                self.offline_pos = 0
+            take = min(need, len(data) - self.offline_pos)
+            parts.append(self.offline_perm[self.offline_pos:self.offline_pos + take])
+            self.offline_pos += take
+            need -= take
+        idx = torch.cat(parts)
+        ids, mask, cidx = self._contexts_of(data.context_index[idx])
+        dev = self.device
+        tokens = data.tokens[idx].to(dev)
+        return Samples(tokens=tokens, mask=data.mask[idx].to(dev), token_logprob=torch.zeros(tokens.shape, device=dev),
+                       logprob=data.logprob[idx].to(dev), context_ids=ids, context_mask=mask, context_index=cidx)
+
+    def next_batch(self) -> Samples:
+        """The next training batch from q (policy, proposal snapshot, or the offline set)."""
+        n = self.cfg.batch_size
+        if self.offline is not None:
+            return self._offline_batch(n)
+        return self.draw(n, self.policy if self.proposal is None else self.proposal)
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def target_scores(self, s: Samples) -> TargetScores:
+        return self.target.score(SeqBatch(s.tokens, s.mask, s.context_ids if self.conditional else None,
+                                          s.context_mask, self.tokenizer))
+
+    def score(self, s: Samples, *, grad: bool = True) -> Scored:
+        """Policy and prior log-probs of ``s`` (one paired pass), the target's ``log b``, ``log P``, ``log q``."""
+        inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
+        with self._amp():
+            lpi, la = score_sequences(self.policy, self.prior, inp, s.tokens, s.mask, fused=self.fused,
+                                      policy_grad=grad)
+        ts = self.target_scores(s)
+        lq = lpi.detach() if self.on_policy else s.logprob
+        return Scored(policy_lp=lpi, prior_lp=la, proposal_lp=lq, log_P=la + ts.log_b, target=ts)
+
+    def _group_logsumexp(self, terms: torch.Tensor, idx: torch.Tensor | None):
+        """Per-context ``(logsumexp of terms, count)``, ``[C]`` float64 each."""
+        C = len(self.contexts)
+        terms = terms.detach().to(torch.float64)
+        if idx is None:
+            return torch.logsumexp(terms, 0).reshape(1), torch.full((1,), float(terms.shape[0]),
+                                                                      dtype=torch.float64, device=terms.device)
+        m = torch.full((C,), -math.inf, dtype=torch.float64, device=terms.device)
+        m = m.scatter_reduce(0, idx, terms, "amax")
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = torch.zeros(C, dtype=torch.float64, device=terms.device).scatter_add(0, idx, torch.exp(terms - m_safe[idx]))
+        n = torch.zeros(C, dtype=torch.float64, device=terms.device).scatter_add(0, idx, torch.ones_like(terms))
+        return m_safe + torch.log(s), n
+
+    def log_z(self) -> torch.Tensor:
+        """The running estimate ``log Z(c)`` ``[C]`` float64 (-inf where no sample has had P > 0)."""
+        return torch.where(self.z_count > 0, self.z_logsum - torch.log(self.z_count),
+                           torch.full_like(self.z_logsum, -math.inf))
+
+    def _per_sample_log_z(self, log_z: torch.Tensor, idx: torch.Tensor | None, n: int) -> torch.Tensor:
+        lz = log_z.expand(n) if idx is None else log_z[idx]
+        # no sample of this context has had P > 0 yet: its samples all have log P = -inf, any finite Z will do
+        return torch.where(torch.isfinite(lz), lz, torch.zeros_like(lz)).to(torch.float32)
+
+    def coefficients(self, sc: Scored, idx: torch.Tensor | None, *, update_log_z: bool = True):
+        """The statistics that couple the batch: log Z(c) (running or from this batch, in log space), then the
+        f-DPG coefficients with their baseline, normalised weights and ESS (:class:`fdpg.FDPGCoefficients`)."""
+        lse, n = self._group_logsumexp(sc.log_P - sc.proposal_lp, idx)
+        if self.cfg.z_estimate == "running":
+            if update_log_z:
+                self.z_logsum = torch.logaddexp(self.z_logsum, lse)
+                self.z_count = self.z_count + n
+            log_z = self.log_z()
+        else:
+            log_z = torch.where(n > 0, lse - torch.log(n), torch.full_like(lse, -math.inf))
+        lz = self._per_sample_log_z(log_z, idx, sc.log_P.shape[0])
+        # per-context log Z folded into the target: s = log pi - (log P - log Z(c)), with log_z = 0 in the op
+        return fdpg.fdpg_coefficients(sc.policy_lp, sc.proposal_lp, sc.log_P - lz, self.divergence, log_z=0.0,
+                                      baseline=self.cfg.baseline, validate=False)
+
+    def batch_loss(self, s: Samples, *, update_log_z: bool = True):
+        """Score ``s`` (policy with grad), then :meth:`coefficients`; returns ``(surrogate loss, coefficients,
+        Scored)``, the loss being ``mean(coef * log pi)``."""
+        sc = self.score(s, grad=True)
+        coef = self.coefficients(sc, s.context_index if self.conditional else None, update_log_z=update_log_z)
+        return coef.loss(sc.policy_lp), coef, sc
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` batches from q."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            s = self.next_batch()                                   # 1. x ~ q, log q
+            loss, coef, sc = self.batch_loss(s)                     # 2-4. score, log Z, coefficients
+            (loss / cfg.grad_accum).backward()                      # 5. one backward per batch
+            w = self._win
+            w["loss"] += loss.detach()
+            w["ess"] += coef.ess.detach().float()
+            w["tokens"] += s.mask.sum()
+            w["batches"] += 1
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += cfg.batch_size * cfg.grad_accum
+        self._win["samples"] += cfg.batch_size * cfg.grad_accum
+        if self.proposal is not None and self.step % cfg.proposal.every == 0:
+            self._update_proposal()
+        self._win["time"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _update_proposal(self) -> None:
+        """KL-adaptive proposal (Khalifa et al. 2021): q <- pi when KL(p||pi) < KL(p||q) on fresh samples of q."""
+        s = self.draw(self.cfg.proposal.n_samples or self.cfg.batch_size, self.proposal)
+        sc = self.score(s, grad=False)
+        idx = s.context_index if self.conditional else None
+        log_p = sc.log_P - self._per_sample_log_z(self.log_z(), idx, len(s))
+        w = torch.exp(log_p - s.logprob)                      # p/q
+        zero = torch.zeros_like(w)
+        kl_pi = torch.where(w > 0, w * (log_p - sc.policy_lp), zero).mean()
+        kl_q = torch.where(w > 0, w * (log_p - s.logprob), zero).mean()
+        self.last_kl_p_q = float(kl_q)
+        if bool(kl_pi < kl_q):                                # the one host sync of the step
+            self.proposal.load_state_dict(self.policy.state_dict())
+            self.proposal_updates += 1
+            self.last_kl_p_q = float(kl_pi)
+
+    def _reset_window(self) -> None:
+        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self._win = {"loss": z(), "ess": z(), "tokens": torch.zeros((), dtype=torch.long, device=self.device),
+                     "batches": 0, "samples": 0, "time": 0.0}
+
+    # ------------------------------------------------------------------------------------------ before training
+
+    @torch.no_grad()
+    def _prior_samples(self, n: int, seed: int) -> Samples:
+        """``n`` samples of the prior from generators of their own (the training streams stay untouched)."""
+        sgen, dgen = torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+        parts, left = [], n
+        while left:
+            k = min(left, max(self.cfg.batch_size, 256))
+            parts.append(self.draw(k, self.prior, sample_gen=sgen, data_gen=dgen))
+            left -= k
+        return cat_samples(parts, self.pad)
+
+    def _probe(self) -> None:
+        """Stop before training when no probe sample of the prior (or of the offline set) has P(x) > 0."""
+        if not self.target.constraints:
+            return
+        if self.offline is not None:
+            n = min(len(self.offline), 4096)
+            s = Samples(self.offline.tokens[:n].to(self.device), self.offline.mask[:n].to(self.device),
+                        torch.zeros(self.offline.tokens[:n].shape, device=self.device),
+                        self.offline.logprob[:n].to(self.device), *self._contexts_of(self.offline.context_index[:n]))
+            where = f"{n} samples of the offline set {self.cfg.offline!r}"
+        else:
+            n = max(512, 4 * self.cfg.batch_size)
+            s = self._prior_samples(n, self.cfg.seed + 7919)
+            where = f"{n} samples of the prior"
+        b = SeqBatch(s.tokens, s.mask, s.context_ids if self.conditional else None, s.context_mask, self.tokenizer)
+        each = [c(b).to(torch.bool) for c in self.target.constraints]
+        if bool(torch.stack(each).all(0).any()):
+            return
+        dead = [i for i, v in enumerate(each) if not bool(v.any())]
+        if dead:
+            keys = ", ".join(f"target.constraints[{i}]" for i in dead)
+            raise ConfigError(keys.split(", ")[0], f"no sample of {where} satisfies {keys}, so P(x) = 0 for every "
+                                                   "sample and training has nothing to learn from; is the "
+                                                   "constraint satisfiable (token id, pattern)?")
+        raise ConfigError("target.constraints", f"no sample of {where} satisfies all constraints together, so "
+                                                "P(x) = 0 for every sample; the constraints may be incompatible")
+
+    def _fit_lambdas(self) -> None:
+        """Fit the distributional constraints' lambda on samples of the prior (MATH.md), and report it."""
+        fit = self.cfg.target.lambda_fit
+        s = self._prior_samples(fit.n_samples, self.cfg.seed + 104729)
+        b = SeqBatch(s.tokens, s.mask, s.context_ids if self.conditional else None, s.context_mask, self.tokenizer)
+        phi = self.target.feature_values(b)
+        sat = self.target.satisfied(b)
+        log_w = torch.where(sat, torch.zeros_like(phi[:, 0]), torch.full_like(phi[:, 0], -math.inf))
+        lam, mom, ok = fit_lambdas(phi, log_w, self.target.mu_bar, lr=fit.lr, steps=fit.steps, tol=fit.tol)
+        self.target.set_lambdas(lam.cpu())
+        self.fit_report = {"lambdas": lam.tolist(), "moments": mom.tolist(), "mu_bar": list(self.target.mu_bar),
+                           "converged": ok, "n_samples": fit.n_samples}
+        self.log(f"lambda fitted on {fit.n_samples} prior samples: lambda = {[round(v, 4) for v in lam.tolist()]}, "
+                 f"moments = {[round(v, 4) for v in mom.tolist()]} (mu_bar = {self.target.mu_bar})"
+                 + ("" if ok else f"; NOT converged to tol {fit.tol} in {fit.steps} steps (is mu_bar reachable?)"))
+
+    @torch.no_grad()
+    def _build_exact_cache(self):
+        """Per context: log a(x) and the target's scores over the whole space (fixed during training)."""
+        sp, cache = self.space, []
+        for c in self.contexts:
+            la = exact_mod.space_logprobs(self.prior, sp, context=c, autocast_dtype=self.amp_dtype)
+            ctx = torch.tensor([c] * len(sp), device=self.device) if self.conditional else None
+            ts = self.target.score(SeqBatch(sp.tokens.to(self.device), sp.mask.to(self.device), ctx, None,
+                                            self.tokenizer))
+            cache.append((la, ts))
+        return cache
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Exact metrics over the listed space (averaged over contexts), or IS estimates from policy samples."""
+        if self._exact_cache is not None:
+            per = []
+            for c, (la, ts) in zip(self.contexts, self._exact_cache):
+                lpi = exact_mod.space_logprobs(self.policy, self.space, context=c, autocast_dtype=self.amp_dtype)
+                per.append(exact_mod.exact_metrics(lpi, la, ts.log_b, satisfied=ts.satisfied, log_b_raw=ts.log_b_raw,
+                                                   reward=ts.reward, features=ts.features))
+            out = {k: (float(np.mean([p[k] for p in per])) if not isinstance(per[0][k], list)
+                       else np.mean([p[k] for p in per], 0).tolist()) for k in per[0]}
+            out["exact"] = True
+            return out
+        return self._estimate()
+
+    @torch.no_grad()
+    def _estimate(self) -> dict:
+        """IS estimates from ``eval.n_samples`` fresh samples of the policy (q = pi), with the running log Z
+        (or, for a context with no P > 0 sample yet, the estimate from these samples)."""
+        n, parts = self.cfg.eval.n_samples, []
+        while n > 0:
+            k = min(n, self.cfg.batch_size)
+            s = self.draw(k, self.policy)
+            parts.append((s.context_index, self.score(s, grad=False)))
+            n -= k
+        idx = torch.cat([p[0] for p in parts]) if self.conditional else None
+        lpi = torch.cat([p[1].policy_lp for p in parts])
+        la = torch.cat([p[1].prior_lp for p in parts])
+        lP = torch.cat([p[1].log_P for p in parts])
+        ts = [p[1].target for p in parts]
+        lse, cnt = self._group_logsumexp(lP - lpi, idx)
+        log_z = torch.where(torch.isfinite(self.log_z()), self.log_z(), lse - torch.log(cnt))
+        lz = self._per_sample_log_z(log_z, idx, lpi.shape[0])
+        est = fdpg.divergence_estimates(lpi, lpi, lP - lz, la, log_z=0.0, validate=False)
+        out = {k: float(v) for k, v in est.items() if k != "log_z"}
+        finite = torch.isfinite(log_z)
+        out["log_z"] = float(log_z[finite].mean()) if bool(finite.any()) else -math.inf
+        sat = torch.cat([t.satisfied for t in ts]).double()
+        out["constraint_satisfaction"] = float(sat.mean())
+        out["e_pi_b"] = float(torch.cat([t.log_b_raw for t in ts]).double().exp().mean())
+        if ts[0].reward is not None:
+            out["reward"] = float(torch.cat([t.reward for t in ts]).double().mean())
+        if ts[0].features is not None:
+            out["moments"] = torch.cat([t.features for t in ts]).double().mean(0).tolist()
+        out["exact"] = False
+        return out
+
+    def record(self) -> dict:
+        """Evaluate and append one object to ``metrics.jsonl``; returns it."""
+        t0 = time.perf_counter()
+        m = self.evaluate()
+        w = self._win
+        b = max(1, w["batches"])
+        finite = torch.isfinite(self.log_z())
+        rec = {"step": self.step, "samples": self.samples_seen}
+        rec.update(m)
+        rec.update({
+            "ess": float(w["ess"]) / b if w["batches"] else None,
+            "loss": float(w["loss"]) / b if w["batches"] else None,
+            "log_z_estimate": float(self.log_z()[finite].mean()) if bool(finite.any()) else None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "proposal_updates": self.proposal_updates,
+            "kl_p_q": self.last_kl_p_q,
+            "samples_per_s": w["samples"] / w["time"] if w["time"] > 0 else None,
+            "tokens_per_s": float(w["tokens"]) / w["time"] if w["time"] > 0 else None,
+        })
+        self._elapsed += w["time"] + (time.perf_counter() - t0)
+        rec["time"] = self._elapsed
+        rec = {k: _finite_or_none(v) for k, v in rec.items()}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self._reset_window()
+        return rec
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def train(self) -> Path:
+        """Run to ``cfg.steps`` (evaluating every ``eval.every`` steps and at the end, checkpointing every
+        ``checkpoint_every``); returns the run directory. The final policy is saved in ``output_dir/policy``."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if getattr(self, "fit_report", None):
+            _write_atomic(self.out / "target.json", json.dumps(self.fit_report, indent=1))
+        space = "none" if self.space is None else f"{len(self.space) * len(self.contexts)} sequences, exact metrics"
+        self.log(f"fdpg: {cfg.steps} steps of {self.divergence.name} (baseline {cfg.baseline}, "
+                 f"{'offline' if self.offline is not None else cfg.proposal.update}), batch {cfg.batch_size} x "
+                 f"{cfg.grad_accum}, {self.device}{' bf16' if self.amp_dtype else ''}; listed space: {space}; "
+                 f"writing {self.out}")
+        if self.resumed_from is None:
+            (self.out / "metrics.jsonl").write_text("")
+            self._show(self.record())
+        else:
+            self.log(f"resumed from {self.resumed_from} at step {self.step}")
+        bar = self._bar()
+        while self.step < cfg.steps:
+            self.train_step()
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.eval.every == 0 or self.step == cfg.steps:
+                rec = self.record()
+                self._show(rec, bar)
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self._save_policy()
+        return self.out
+
+    def _bar(self):
+        show = self.cfg.progress
+        if show is False or (show == "auto" and not sys.stderr.isatty()):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.step, file=sys.stderr, dynamic_ncols=True, desc="fdpg")
+
+    def _show(self, rec: dict, bar=None) -> None:
+        if bar is None:
+            return
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        bar.set_postfix_str(f"KL(p|pi)={fmt(rec['kl_p_pi'])} KL(pi|a)={fmt(rec['kl_pi_a'])} "
+                            f"sat={fmt(rec['constraint_satisfaction'])} {fmt(rec['samples_per_s'])} samples/s")
+
+    def _save_policy(self) -> None:
+        tmp = self.out / f".policy.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet():
+            self.policy.save_pretrained(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        final = self.out / "policy"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _rng_state(self) -> dict:
+        st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "sample_gen": self.sample_gen.get_state(), "data_gen": self.data_gen.get_state()}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def _set_rng_state(self, st: dict) -> None:
+        random.setstate(st["python"])
+        np.random.set_state(st["numpy"])
+        torch.set_rng_state(st["torch"])
+        self.sample_gen.set_state(st["sample_gen"])
+        self.data_gen.set_state(st["data_gen"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-NNNNNNNN`` atomically: a temporary directory renamed into place, then the
+        ``latest`` pointer replaced; older checkpoints beyond ``keep_checkpoints`` are removed afterwards."""
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:08d}"
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with quiet():
+            self.policy.save_pretrained(tmp / "policy")
+            if self.proposal is not None:
+                self.proposal.save_pretrained(tmp / "proposal")
+        metrics = self.out / "metrics.jsonl"
+        state = {
+            "step": self.step, "samples": self.samples_seen, "proposal_updates": self.proposal_updates,
+            "last_kl_p_q": self.last_kl_p_q, "z_logsum": self.z_logsum.cpu(), "z_count": self.z_count.cpu(),
+            "lambdas": None if self.target.lambdas is None else self.target.lambdas.cpu(),
+            "fit_report": getattr(self, "fit_report", None),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": self._rng_state(),
+            "offline": None if self.offline is None else {"perm": self.offline_perm, "pos": self.offline_pos},
+            "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self._win.items()},
+            "elapsed": self._elapsed,
+            "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+            "config": to_dict(self.cfg),
+        }
+        with open(tmp / "trainer.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        (tmp / "COMPLETE").write_text(name + "\n")
+        final = root / name
+        if final.exists():  # the same step written again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", name + "\n")
+        done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists())
+        for old in done[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _find_checkpoint(self) -> Path | None:
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return None
+        latest = root / "latest"
+        if latest.exists():
+            p = root / latest.read_text().strip()
+            if (p / "COMPLETE").exists():
+                return p
+        done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists())
+        return done[-1] if done else None
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        st = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        old = st.get("config", {})
+        diff = [k for k, v in to_dict(self.cfg).items() if k not in ("steps", "progress", "output_dir")
+                and old.get(k) != v]
+        if diff:
+            self.log(f"resume: the configuration differs from the checkpoint's in {', '.join(diff)}")
+        with quiet():
+            pol = AutoModelForCausalLM.from_pretrained(ckpt / "policy", local_files_only=True)
+            self.policy.load_state_dict(pol.state_dict())
+            if self.proposal is not None:
+                prop = AutoModelForCausalLM.from_pretrained(ckpt / "proposal", local_files_only=True)
+                self.proposal.load_state_dict(prop.state_dict())
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.step, self.samples_seen = st["step"], st["samples"]
+        self.proposal_updates, self.last_kl_p_q = st["proposal_updates"], st["last_kl_p_q"]
+        self.z_logsum, self.z_count = st["z_logsum"].to(self.device), st["z_count"].to(self.device)
+        if st["lambdas"] is not None:
+            self.target.set_lambdas(st["lambdas"])
+        if st.get("fit_report"):
+            self.fit_report = st["fit_report"]
+        self._set_rng_state(st["rng"])
+        if st["offline"] is not None:
+            self.offline_perm, self.offline_pos = st["offline"]["perm"], st["offline"]["pos"]
+        self._win = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in st["window"].items()}
+        self._elapsed = st["elapsed"]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            with open(metrics, "r+b") as f:
+                f.truncate(st["metrics_bytes"])  # drop evaluations logged after this checkpoint
+
+
+def train(config, *, resume: bool = False, overrides=(), log=None) -> Path:
+    """Train from a :class:`Config`, a mapping, or a YAML path (with ``key=value`` overrides); returns the run
+    directory (``output_dir``), which holds metrics.jsonl, config.yaml, checkpoints/ and the final policy/."""
+    if isinstance(config, Config):
+        cfg = from_dict(apply_overrides(to_dict(config), overrides)) if overrides else config
+    elif isinstance(config, dict):
+        cfg = from_dict(apply_overrides(config, overrides))
+    else:
+        cfg = load_config(config, overrides)
+    return Trainer(cfg, resume=resume, log=log).train()

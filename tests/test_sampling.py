@@ -1,0 +1,102 @@
+"""Ancestral sampling with the KV cache: masks, the proposal's log-probs, the distribution, contexts."""
+import pytest
+import torch
+
+import fdpg
+from fdpg.exact import enumerate_space, space_logprobs
+from fdpg.models import build_tiny, model_inputs, score_tokens
+from fdpg.sampling import cat_samples, left_pad, sample
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny(5, n_layer=2, n_embd=16, seed=3, eos_token_id=0, initializer_range=0.4)
+
+
+def rescore(model, s):
+    inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
+    lp, _ = score_tokens(model, None, inp, s.tokens, fused=False, with_prior=False, policy_grad=False)
+    return fdpg.sequence_logprobs(lp, s.mask)
+
+
+def test_mask_eos_and_padding(model):
+    s = sample(model, 256, 6, eos_token_id=0, generator=torch.Generator().manual_seed(0))
+    assert s.tokens.shape[0] == 256 and s.tokens.shape[1] <= 6 and s.tokens.dtype == torch.long
+    n = s.mask.sum(1)
+    assert bool((n >= 1).all())
+    for row, m, k in zip(s.tokens.tolist(), s.mask.tolist(), n.tolist()):
+        assert m == [True] * k + [False] * (len(m) - k)           # a prefix
+        body = row[:k]
+        assert 0 not in body[:-1]                                 # EOS only as the last token
+        assert body[-1] == 0 or k == 6                            # ends at EOS or at the limit
+        assert all(t == 0 for t in row[k:])                       # padding
+    assert bool((s.token_logprob[~s.mask] == 0).all())
+    assert bool((n < 6).any()) and bool((n == 6).any() or s.tokens.shape[1] < 6)
+
+
+def test_logprob_from_the_sampling_pass_matches_a_full_forward(model):
+    s = sample(model, 64, 5, eos_token_id=0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(s.logprob, rescore(model, s), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.logprob, s.token_logprob.sum(1))
+
+
+def test_samples_follow_the_model_distribution(model):
+    space = enumerate_space(5, 3, 0)
+    p = space_logprobs(model, space).exp()
+    n = 20000
+    s = sample(model, n, 3, eos_token_id=0, generator=torch.Generator().manual_seed(2))
+    index = {tuple(r[:k]): i for i, (r, k) in enumerate(zip(space.tokens.tolist(), space.mask.sum(1).tolist()))}
+    idx = torch.tensor([index[tuple(r[:k])] for r, k in zip(s.tokens.tolist(), s.mask.sum(1).tolist())])
+    freq = torch.bincount(idx, minlength=len(space)).double() / n
+    # chi-square against the exact probabilities: mean ~ dof (len - 1), sd ~ sqrt(2 dof)
+    chi2 = (n * (freq - p) ** 2 / p).sum().item()
+    dof = len(space) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_no_eos_gives_full_length(model):
+    s = sample(model, 16, 4, eos_token_id=None, bos_token_id=0, generator=torch.Generator().manual_seed(0))
+    assert s.tokens.shape == (16, 4) and bool(s.mask.all())
+
+
+def test_seeded_generator_is_reproducible(model):
+    a = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(7))
+    b = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprob, b.logprob)
+
+
+def test_left_padded_contexts(model):
+    contexts = [[0, 3, 2], [0], [0, 4]]
+    ids, mask = left_pad(contexts, pad_id=0)
+    assert ids.tolist() == [[0, 3, 2], [0, 0, 0], [0, 0, 4]]
+    assert mask.tolist() == [[True] * 3, [False, False, True], [False, True, True]]
+    reps = 8
+    ids, mask = ids.repeat_interleave(reps, 0), mask.repeat_interleave(reps, 0)
+    idx = torch.arange(3).repeat_interleave(reps)
+    s = sample(model, 3 * reps, 4, eos_token_id=0, context_ids=ids, context_mask=mask, context_index=idx,
+               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(s.context_index, idx)
+    # the sampling pass's log q equals each continuation scored after its unpadded context
+    for i in range(3 * reps):
+        c = torch.tensor([contexts[i // reps]])
+        k = int(s.mask[i].sum())
+        toks = s.tokens[i:i + 1, :k]
+        inp = model_inputs(c, None, toks)
+        lp, _ = score_tokens(model, None, inp, toks, fused=False, with_prior=False, policy_grad=False)
+        assert s.logprob[i].item() == pytest.approx(lp.sum().item(), abs=1e-5)
+    # and the padded batch scored in one pass agrees as well
+    torch.testing.assert_close(s.logprob, rescore(model, s), atol=1e-5, rtol=0)
+    assert left_pad([[1, 2], [3, 4]], 0)[1] is None
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], 0)
+
+
+def test_cat_samples(model):
+    g = torch.Generator().manual_seed(4)
+    a = sample(model, 8, 2, eos_token_id=0, generator=g)
+    b = sample(model, 8, 5, eos_token_id=0, generator=g)
+    c = cat_samples([a, b], pad_id=0)
+    assert len(c) == 16 and c.tokens.shape[1] == max(a.tokens.shape[1], b.tokens.shape[1])
+    torch.testing.assert_close(c.logprob, rescore(model, c), atol=1e-5, rtol=0)
