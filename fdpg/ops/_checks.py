@@ -12,6 +12,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKEND_NAMES = {"triton": "Triton", "cuda": "CUDA", "torch": "torch"}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

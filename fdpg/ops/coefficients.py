@@ -105,11 +105,12 @@ def _(policy_logprob, proposal_logprob, target_logscore, prior_logprob, log_z):
     return policy_logprob.new_empty(7, dtype=torch.float32)
 
 
+
 def _resolve(backend: str, like: Tensor, div: Divergence | None = None) -> str:
-    be = C.backend(backend, like.device)
-    if be != "triton":
+    be = C.backend(backend, like.device, cuda_ok=True)
+    if be == "torch":
         return be
-    if like.dtype == torch.float64:
+    if be == "triton" and like.dtype == torch.float64:
         if backend == "auto":
             return "torch"
         raise TypeError("backend: the Triton kernel computes in float32 and takes float16, bfloat16 or float32 "
@@ -117,10 +118,10 @@ def _resolve(backend: str, like: Tensor, div: Divergence | None = None) -> str:
     if div is not None and divergence_spec(div) is None:
         if backend == "auto":
             return "torch"
-        raise ValueError(f"backend: the Triton kernel knows only the built-in divergences (forward_kl, reverse_kl, "
+        raise ValueError(f"backend: the {C.BACKEND_NAMES[be]} kernel knows only the built-in divergences (forward_kl, reverse_kl, "
                          f"tv, js, hellinger, chi2, alpha:<a>); {div.name!r} is user-defined: use backend='torch' "
                          f"or 'auto'")
-    return "triton"
+    return be
 
 
 def _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None) -> None:
@@ -210,7 +211,15 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
                              f"log 1e-3, the trainer's 'log_b_floor') or use a bounded divergence "
                              f"(forward_kl, tv, js, hellinger, alpha < 1)")
     lpi, lq, lP = _float(policy_logprob, proposal_logprob, target_logscore)
-    if _resolve(backend, lpi, div) == "triton":
+    be = _resolve(backend, lpi, div)
+    if be == "cuda":
+        from .. import _cuda
+
+        mode, value = ("value", float(base)) if isinstance(base, float) else (base, 0.0)
+        coef, lz, weights, ess, b = _cuda.coefficients(lpi, lq, lP, div.name, None, _resolve_log_z(log_z, lpi),
+                                                       mode, value)
+        return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
+    if be == "triton":
         mode, value = (1, 0.0) if base == "batch" else (0, 0.0) if base == "none" else (2, float(base))
         coef, weights, scal = torch.ops.fdpg.seq_coefficients(lpi, lq, lP, _resolve_log_z(log_z, lpi),
                                                               list(divergence_spec(div)), mode, value)
@@ -232,7 +241,12 @@ def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.T
     if C.should_validate(validate, policy_logprob):
         _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     lpi, lq, lP, la = _float(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
-    if _resolve(backend, lpi) == "triton":
+    be = _resolve(backend, lpi)
+    if be == "cuda":
+        from .. import _cuda
+
+        return _cuda.estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
+    if be == "triton":
         v = torch.ops.fdpg.seq_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
         out = {"kl_p_pi": v[0], "kl_pi_p": v[1], "tv": v[2], "js": v[3]}
         if la is not None:

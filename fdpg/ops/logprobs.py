@@ -42,7 +42,12 @@ class PairedTokenStats(NamedTuple):
 
 # ---- torch.library ops (Triton kernels inside) --------------------------------------------------------------
 
-def _kernels():
+def _kernels(cuda: bool = False):
+    """The launch wrappers: Triton's (``fdpg.kernels.logprobs``) or the CUDA extension's, which share one interface."""
+    if cuda:
+        from .. import _cuda
+
+        return _cuda
     from ..kernels import logprobs as K  # imports triton: only once a Triton backend is chosen
 
     return K
@@ -53,9 +58,9 @@ _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
 
 @torch.library.custom_op("fdpg::token_stats_fwd", mutates_args=())
 def _token_stats_fwd(policy: Tensor, prior: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
-                     temperature: float, entropy: bool, kl: bool) -> _FWD_OUT:
+                     temperature: float, entropy: bool, kl: bool, cuda: bool = False) -> _FWD_OUT:
     """(lp, lse, max, entropy, kl, seq, prior_lp, prior_lse, prior_max, prior_seq); absent ones are empty [0]."""
-    K = _kernels()
+    K = _kernels(cuda)
     o = K.token_stats_forward(policy, prior, targets, temperature, entropy, kl)
     seq = pseq = None
     if mask is not None:
@@ -69,7 +74,7 @@ def _token_stats_fwd(policy: Tensor, prior: Optional[Tensor], targets: Tensor, m
 
 
 @_token_stats_fwd.register_fake
-def _(policy, prior, targets, mask, temperature, entropy, kl):
+def _(policy, prior, targets, mask, temperature, entropy, kl, cuda=False):
     lead = policy.shape[:-1]
     tok = lambda on: policy.new_empty(lead if on else (0,), dtype=torch.float32)  # noqa: E731
     seq = lambda on: policy.new_empty(lead[:-1] if on else (0,), dtype=torch.float32)  # noqa: E731
@@ -79,8 +84,8 @@ def _(policy, prior, targets, mask, temperature, entropy, kl):
 
 
 def _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
-              grad_seq, temperature, out):
-    return _kernels().token_stats_backward(
+              grad_seq, temperature, out, cuda):
+    return _kernels(cuda).token_stats_backward(
         policy, prior, targets, lse, entropy=entropy, kl=kl, prior_lse=prior_lse, grad_lp=grad_lp,
         grad_lse=grad_lse, grad_entropy=grad_entropy, grad_kl=grad_kl, grad_seq=grad_seq, mask=mask,
         temperature=temperature, out=out)
@@ -90,15 +95,16 @@ def _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp
 def _token_stats_bwd(policy: Tensor, prior: Optional[Tensor], targets: Tensor, mask: Optional[Tensor], lse: Tensor,
                      entropy: Optional[Tensor], kl: Optional[Tensor], prior_lse: Optional[Tensor],
                      grad_lp: Optional[Tensor], grad_lse: Optional[Tensor], grad_entropy: Optional[Tensor],
-                     grad_kl: Optional[Tensor], grad_seq: Optional[Tensor], temperature: float) -> Tensor:
+                     grad_kl: Optional[Tensor], grad_seq: Optional[Tensor], temperature: float,
+                     cuda: bool = False) -> Tensor:
     """Gradient with respect to ``policy`` (a new contiguous tensor of its dtype)."""
     return _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy,
-                     grad_kl, grad_seq, temperature, None)
+                     grad_kl, grad_seq, temperature, None, cuda)
 
 
 @_token_stats_bwd.register_fake
 def _(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
-      grad_seq, temperature):
+      grad_seq, temperature, cuda=False):
     return torch.empty_like(policy, memory_format=torch.contiguous_format)
 
 
@@ -107,29 +113,29 @@ def _token_stats_bwd_inplace(policy: Tensor, prior: Optional[Tensor], targets: T
                              lse: Tensor, entropy: Optional[Tensor], kl: Optional[Tensor],
                              prior_lse: Optional[Tensor], grad_lp: Optional[Tensor], grad_lse: Optional[Tensor],
                              grad_entropy: Optional[Tensor], grad_kl: Optional[Tensor], grad_seq: Optional[Tensor],
-                             temperature: float) -> None:
+                             temperature: float, cuda: bool = False) -> None:
     """The same gradient, written over ``policy``'s own buffer (the logits are dead after the loss)."""
     _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
-              grad_seq, temperature, policy)
+              grad_seq, temperature, policy, cuda)
 
 
 @_token_stats_bwd_inplace.register_fake
 def _(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
-      grad_seq, temperature):
+      grad_seq, temperature, cuda=False):
     return None
 
 
 class _TokenStats(torch.autograd.Function):
-    """Triton forward and backward of :func:`paired_token_stats`; outputs as ``fdpg::token_stats_fwd``."""
+    """Triton (or CUDA) forward and backward of :func:`paired_token_stats`; outputs as ``fdpg::token_stats_fwd``."""
 
     @staticmethod
-    def forward(ctx, policy, prior, targets, mask, temperature, entropy, kl, inplace):
-        outs = torch.ops.fdpg.token_stats_fwd(policy, prior, targets, mask, temperature, entropy, kl)
+    def forward(ctx, policy, prior, targets, mask, temperature, entropy, kl, inplace, cuda=False):
+        outs = torch.ops.fdpg.token_stats_fwd(policy, prior, targets, mask, temperature, entropy, kl, cuda)
         lp, lse, mx, ent, klv, seq, plp, plse, pmx, pseq = outs
         # the prior's logits are kept alive for backward only when KL needs them
         ctx.save_for_backward(policy, prior if kl else None, targets, mask, lse, ent if entropy else None,
                               klv if kl else None, plse if kl else None)
-        ctx.temperature, ctx.entropy, ctx.kl, ctx.inplace = temperature, entropy, kl, inplace
+        ctx.temperature, ctx.entropy, ctx.kl, ctx.inplace, ctx.cuda = temperature, entropy, kl, inplace, cuda
         ctx.has_mask = mask is not None
         ctx.mark_non_differentiable(mx, plp, plse, pmx, pseq)
         ctx.set_materialize_grads(False)
@@ -139,36 +145,37 @@ class _TokenStats(torch.autograd.Function):
     def backward(ctx, g_lp, g_lse, _gmx, g_ent, g_kl, g_seq, *_prior):
         policy, prior, targets, mask, lse, ent, klv, plse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 9
         g_ent = g_ent if ctx.entropy else None
         g_kl = g_kl if ctx.kl else None
         g_seq = g_seq if ctx.has_mask else None
         if g_lp is None and g_lse is None and g_ent is None and g_kl is None and g_seq is None:
-            return (None,) * 8
+            return (None,) * 9
         args = (policy, prior if g_kl is not None else None, targets, mask if g_seq is not None else None, lse,
                 ent if g_ent is not None else None, klv if g_kl is not None else None,
-                plse if g_kl is not None else None, g_lp, g_lse, g_ent, g_kl, g_seq, ctx.temperature)
+                plse if g_kl is not None else None, g_lp, g_lse, g_ent, g_kl, g_seq, ctx.temperature, ctx.cuda)
         if ctx.inplace:
             torch.ops.fdpg.token_stats_bwd_inplace(*args)
             grad = policy.detach()
         else:
             grad = torch.ops.fdpg.token_stats_bwd(*args)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 # ---- public ops -----------------------------------------------------------------------------------------------
 
+
 def _resolve(backend: str, logits: Tensor, *others: Tensor | None) -> str:
-    be = C.backend(backend, logits.device)
-    if be != "triton":
+    be = C.backend(backend, logits.device, cuda_ok=True)
+    if be not in ("triton", "cuda"):
         return be
     wide = [t for t in (logits, *others) if t is not None and t.dtype == torch.float64]
     if wide:
         if backend == "auto":
             return "torch"  # float64 is the reference precision: the torch path keeps it
-        raise TypeError(f"backend: the Triton kernels take float16, bfloat16 or float32 logits, got float64; "
+        raise TypeError(f"backend: the {C.BACKEND_NAMES[be]} kernels take float16, bfloat16 or float32 logits, got float64; "
                         f"use backend='torch' (or 'auto') for float64")
-    return "triton"
+    return be
 
 
 def _inplace_flag(inplace) -> bool:
@@ -207,7 +214,7 @@ def paired_token_stats(policy_logits: Tensor, prior_logits: Tensor | None, targe
         entropy, kl: also return ``H(pi)`` and ``KL(pi || a)`` (``kl`` needs ``prior_logits``), float32 ``[...]``,
             differentiable with respect to ``policy_logits``.
         temperature: both distributions are ``softmax(logits / temperature)``.
-        backend: ``"auto" | "triton" | "torch"``.
+        backend: ``"auto" | "triton" | "cuda" | "torch"``.
         validate: check values (token ids in range, NaN/+inf rows); default on except for CUDA tensors.
         inplace_backward: the Triton backward writes the gradient into ``policy_logits``' own buffer (no new
             ``[..., V]`` tensor); only when the logits are not used after this op. Ignored by the torch backend.
@@ -235,10 +242,10 @@ def paired_token_stats(policy_logits: Tensor, prior_logits: Tensor | None, targe
             raise ValueError("mask: every position of the batch is masked; expected at least one unmasked token")
     be = _resolve(backend, policy_logits, prior_logits)
     entropy, kl = bool(entropy), bool(kl)
-    if be == "triton":
+    if be in ("triton", "cuda"):
         prior = None if prior_logits is None else prior_logits.detach()
         outs = _TokenStats.apply(policy_logits, prior, targets, mask, tau, entropy, kl,
-                                 _inplace_ok(policy_logits, inplace_backward))
+                                 _inplace_ok(policy_logits, inplace_backward), be == "cuda")
         lp, lse, mx, ent, klv, seq, plp, plse, pmx, pseq = outs
         has_prior = prior is not None
         res = PairedTokenStats(lp, plp if has_prior else None, lse, plse if has_prior else None,
@@ -280,8 +287,10 @@ def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
     check = C.should_validate(validate, logits)
     if check:
         C.target_range(targets, V)
-    if _resolve(backend, logits) == "triton":
-        outs = _TokenStats.apply(logits, None, targets, None, tau, False, False, _inplace_ok(logits, inplace_backward))
+    be = _resolve(backend, logits)
+    if be in ("triton", "cuda"):
+        outs = _TokenStats.apply(logits, None, targets, None, tau, False, False, _inplace_ok(logits, inplace_backward),
+                                 be == "cuda")
         lp, lse = outs[0], outs[1]
     else:
         lp, lse = reference.token_logprobs_lse(logits, targets, tau)
