@@ -1,8 +1,10 @@
-"""The ``fdpg`` command: ``train``, ``demo`` and ``plot``.
+"""The ``fdpg`` command: ``train``, ``sample``, ``demo`` and ``plot``.
 
-    fdpg train CONFIG.yaml [key=value ...] [--resume]
+    fdpg train CONFIG.yaml [key=value ...] [--resume]     # algorithm: fdpg | psi_learning | q_learning
+    torchrun --nproc_per_node 8 -m fdpg.cli train CONFIG.yaml [distributed.strategy=fsdp]   # data parallel
+    fdpg sample CONFIG.yaml --n N --out FILE.jsonl [--model PATH] [key=value ...]
     fdpg demo [--steps N] [--out DIR]
-    fdpg plot RUN_DIR [RUN_DIR ...] --out FILE.png [--metric kl_p_pi]
+    fdpg plot RUN_DIR [RUN_DIR ...] --out FILE.png [--metric kl_p_pi] [--label TEXT ...] [--title TEXT]
 
 Exit status: 0 on success, 2 for a bad configuration or command line (the message on stderr, no traceback).
 """
@@ -77,18 +79,34 @@ def demo(steps: int = 150, out: str | None = None, stream=sys.stdout) -> list[li
 
 
 def _cmd_train(args) -> int:
+    from . import distributed
     from .trainer import train
 
-    out = train(args.config, resume=args.resume, overrides=args.overrides)
+    try:                                     # under torchrun the trainer joins the process group; leave it here
+        out = train(args.config, resume=args.resume, overrides=args.overrides)
+        main_rank = distributed.is_main()
+    finally:
+        distributed.teardown()
+    if not main_rank:                        # rank 0 reports for the run
+        return 0
     last = None
     with open(out / "metrics.jsonl") as f:
         for line in f:
             last = json.loads(line)
     if last is not None:
-        figs = ", ".join(f"{k} {last[k]:.4g}" for k in ("kl_p_pi", "kl_pi_a", "constraint_satisfaction")
-                         if last.get(k) is not None)
+        keys = ("kl_p_pi", "kl_pi_a", "constraint_satisfaction") if "td_loss" not in last else (
+            "kl_p_pi", "kl_pi_a", "reward", "td_loss", "v0", "log_z")
+        figs = ", ".join(f"{k} {last[k]:.4g}" for k in keys if last.get(k) is not None)
         print(f"step {last['step']}: {figs} ({'exact' if last.get('exact') else 'estimated'})")
     print(f"run directory: {out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from .qtrainer import sample_batch
+
+    path = sample_batch(args.config, args.n, args.out, model=args.model, overrides=args.overrides, seed=args.seed)
+    print(f"wrote {args.n} sequences to {path}")
     return 0
 
 
@@ -100,7 +118,7 @@ def _cmd_demo(args) -> int:
 def _cmd_plot(args) -> int:
     from .plot import plot_runs
 
-    path = plot_runs(args.runs, args.out, metric=args.metric)
+    path = plot_runs(args.runs, args.out, metric=args.metric, labels=args.label, title=args.title)
     print(f"wrote {path}")
     return 0
 
@@ -108,13 +126,22 @@ def _cmd_plot(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdpg", description="Distribution matching for language models: DPG, GDC++, "
                                                          "f-DPG and KL-control.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,demo,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,demo,plot}")
     t = sub.add_parser("train", help="train from a YAML configuration")
     t.add_argument("config", help="the YAML configuration file")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override configuration values (dotted keys for nesting, values parsed as YAML)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.set_defaults(fn=_cmd_train)
+    s = sub.add_parser("sample", help="write an offline batch: sequences of the prior (or --model) with their "
+                                      "log-probs and rewards, as JSONL")
+    s.add_argument("config", help="the YAML configuration (prior, max_length, target.reward, prompts)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="override configuration values")
+    s.add_argument("--n", type=int, required=True, help="number of sequences")
+    s.add_argument("--out", required=True, help="the JSONL file to write")
+    s.add_argument("--model", default=None, help="sample from this local model directory instead of the prior")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
+    s.set_defaults(fn=_cmd_sample)
     d = sub.add_parser("demo", help="train a built-in tiny prior three ways and print the exact KL falling")
     d.add_argument("--steps", type=int, default=150, help="training steps per run (default 150)")
     d.add_argument("--out", default=None, help="keep the runs in this directory (default: a temporary one)")
@@ -123,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
     pl.add_argument("--out", required=True, help="the PNG file to write")
     pl.add_argument("--metric", default="kl_p_pi", help="the metric to draw (default kl_p_pi)")
+    pl.add_argument("--label", action="append", default=None,
+                    help="legend label of each run, in order (repeat once per run; default: the directory names)")
+    pl.add_argument("--title", default=None, help="the figure's title")
     pl.set_defaults(fn=_cmd_plot)
     return p
 

@@ -20,10 +20,10 @@ import yaml
 
 __all__ = ["ConfigError", "Config", "TinyModel", "ModelSpec", "FeatureSpec", "TargetConfig", "LambdaFit",
            "ProposalConfig", "EvalConfig", "from_dict", "load_config", "apply_overrides", "to_dict",
-           "ALGORITHMS", "FEATURE_TYPES"]
+           "KLReward", "DistributedConfig", "ALGORITHMS", "Q_ALGORITHMS", "FEATURE_TYPES"]
 
-ALGORITHMS = ("fdpg",)
-RESERVED_ALGORITHMS = ("psi_learning", "q_learning")
+ALGORITHMS = ("fdpg", "psi_learning", "q_learning")
+Q_ALGORITHMS = ("psi_learning", "q_learning")   # token-level Q-learning from a fixed batch (fdpg.qtrainer)
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,7 @@ class TinyModel:
     eos_token_id: int | None = 0
     n_positions: int = 128
     initializer_range: float = 0.02
+    dropout: float = 0.0
 
 
 @dataclass
@@ -130,6 +131,25 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Under ``torchrun``: ``strategy`` ddp (the policy replicated, gradients all-reduced: models that fit on one
+    GPU) or fsdp (FSDP2: policy, prior and proposal sharded by transformer block: models that do not). Ignored in a
+    single process. ``batch_size`` is per rank: W ranks train like one process with batch W x batch_size;
+    ``eval.n_samples`` and ``proposal.n_samples`` count all ranks' samples."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class KLReward:
+    """q_learning's per-token KL-control reward ``c k_t`` (MATH.md): ``kind`` sampled (``log a - log pi``, pi
+    detached) | exact (``-KL(pi || a)`` over the vocabulary) | none; ``weight`` c (default: target.beta)."""
+
+    kind: Literal["sampled", "exact", "none"] = "sampled"
+    weight: float | None = None
+
+
+@dataclass
 class Config:
     prior: ModelSpec
     algorithm: str = "fdpg"
@@ -161,6 +181,12 @@ class Config:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     output_layer: Literal["auto", "fused", "logits"] = "auto"
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gamma: float = 1.0
+    target_update: float = 0.01
+    mc_dropout: int = 0
+    kl_reward: KLReward | None = None
+    loss: Literal["huber", "mse"] = "huber"
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     output_dir: str = "runs/fdpg"
@@ -321,9 +347,6 @@ def _check_feature(spec: FeatureSpec, key: str, role: str) -> None:
 def validate(cfg: Config) -> Config:
     """Checks that need no model: value ranges, names, and combinations."""
     if cfg.algorithm not in ALGORITHMS:
-        if cfg.algorithm in RESERVED_ALGORITHMS:
-            raise ConfigError("algorithm", f"{cfg.algorithm!r} is reserved but not implemented yet; expected "
-                                           f"one of {', '.join(ALGORITHMS)}")
         raise ConfigError("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     if cfg.prior.path is None and cfg.prior.tiny is None:
         raise ConfigError("prior", "missing (a path or {tiny: {...}})")
@@ -390,6 +413,7 @@ def validate(cfg: Config) -> Config:
         if getattr(t.lambda_fit, n) < 1:
             raise ConfigError(f"target.lambda_fit.{n}", f"expected an integer >= 1, got {getattr(t.lambda_fit, n)}")
     _positive(t.lambda_fit, ("lr", "tol"), "target.lambda_fit.")
+    _check_q_learning(cfg)
     div = divergences.get(cfg.divergence)
     if t.constraints and not div.is_bounded_at_inf() and cfg.log_b_floor is None:
         raise ConfigError("log_b_floor", f"the divergence {div.name!r} is unbounded where P(x) = 0 (a sample "
@@ -397,6 +421,42 @@ def validate(cfg: Config) -> Config:
                                          f"{math.log(1e-3):.4f}, log 1e-3) or use a bounded divergence "
                                          "(forward_kl, tv, js, hellinger, alpha < 1)")
     return cfg
+
+
+def _check_q_learning(cfg: Config) -> None:
+    """psi_learning / q_learning: their keys, a fixed batch, a reward-tilt target (the rest is checked when the
+    offline file is read); for fdpg, their keys must be left at their defaults."""
+    q_keys = ("gamma", "target_update", "mc_dropout", "kl_reward", "loss")
+    if cfg.algorithm not in Q_ALGORITHMS:
+        defaults = Config(prior=cfg.prior)
+        for k in q_keys:
+            if getattr(cfg, k) != getattr(defaults, k):
+                raise ConfigError(k, f"only algorithm psi_learning or q_learning takes {k} (algorithm is "
+                                     f"{cfg.algorithm!r})")
+        return
+    algo, t = cfg.algorithm, cfg.target
+    if not (math.isfinite(cfg.gamma) and 0 < cfg.gamma <= 1):
+        raise ConfigError("gamma", f"expected a discount in (0, 1], got {cfg.gamma}")
+    if not (math.isfinite(cfg.target_update) and 0 < cfg.target_update <= 1):
+        raise ConfigError("target_update", f"expected the Polyak rate tau in (0, 1], got {cfg.target_update}")
+    if cfg.mc_dropout < 0:
+        raise ConfigError("mc_dropout", f"expected an integer >= 0 (0 or 1: off), got {cfg.mc_dropout}")
+    if cfg.kl_reward is not None:
+        if algo != "q_learning":
+            raise ConfigError("kl_reward", "only q_learning takes a KL reward (psi_learning has the prior's "
+                                           "log-probability in its targets already)")
+        w = cfg.kl_reward.weight
+        if w is not None and not (math.isfinite(w) and w >= 0):
+            raise ConfigError("kl_reward.weight", f"expected a number >= 0, got {w}")
+    if cfg.offline is None:
+        raise ConfigError("offline", f"missing: {algo} learns from a fixed batch of sequences with rewards; write "
+                                     "one with `fdpg sample CONFIG.yaml --n N --out FILE.jsonl`")
+    if t.constraints or t.features:
+        which = "target.constraints" if t.constraints else "target.features"
+        raise ConfigError(which, f"{algo} reaches a reward tilt p_beta(x) ∝ a(x) exp(R(x)/beta) only; give "
+                                 "target.reward (and target.beta) instead")
+    if not (math.isfinite(t.beta) and t.beta > 0):
+        raise ConfigError("target.beta", f"{algo} needs beta > 0 (the targets divide the reward by it), got {t.beta}")
 
 
 # ---- entry points -------------------------------------------------------------------------------------------

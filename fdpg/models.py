@@ -24,12 +24,15 @@ __all__ = ["quiet", "build_tiny", "load_model", "vocab_size", "eos_token_id", "b
 
 
 def build_tiny(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 0, n_head: int | None = None,
-               eos_token_id: int | None = 0, n_positions: int = 128, initializer_range: float = 0.02):
+               eos_token_id: int | None = 0, n_positions: int = 128, initializer_range: float = 0.02,
+               dropout: float = 0.0):
     """A randomly initialised GPT-2 (``GPT2LMHeadModel``), the same weights for the same arguments.
 
     ``eos_token_id`` (default 0) ends sequences and, as in GPT-2, doubles as the BOS token that starts an
     unconditional sample; ``None`` means no EOS (every sequence has ``max_length`` tokens; token 0 starts them).
-    Dropout is off. ``initializer_range`` is the std of the weights: larger gives a peakier prior.
+    ``dropout`` (default 0) is GPT-2's residual, embedding and attention dropout; it acts only in train mode (the
+    Monte-Carlo passes of Q-learning's target network). ``initializer_range`` is the std of the weights: larger
+    gives a peakier prior.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -39,10 +42,13 @@ def build_tiny(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 
         raise ConfigError("n_head", f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
     if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
         raise ConfigError("eos_token_id", f"expected a token id in [0, {vocab_size}), got {eos_token_id}")
+    if not 0 <= dropout < 1:
+        raise ConfigError("dropout", f"expected a probability in [0, 1), got {dropout}")
     special = 0 if eos_token_id is None else eos_token_id
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=special, eos_token_id=eos_token_id,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=initializer_range,
+                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                     initializer_range=initializer_range,
                      activation_function="gelu_pytorch_tanh")  # GPT-2's gelu_new, as one fused op
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -32,6 +32,8 @@ def plot_runs(run_dirs, out, *, metric: str = "kl_p_pi", labels=None, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ConfigError("--label", f"{len(labels)} label(s) for {len(run_dirs)} run(s); give one per run")
     runs = [read_metrics(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     values = []

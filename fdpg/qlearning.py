@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "last_token", "token_rewards", "shift_next", "psi_targets", "q_targets", "td_loss", "optimal_psi",
+    "reference_td_loss",
 ]
 
 
@@ -72,6 +73,42 @@ def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, ki
     else:
         raise ValueError(f"loss: expected 'huber' or 'mse', got {kind!r}")
     return torch.where(m, per, torch.zeros((), dtype=per.dtype, device=per.device)).sum() / m.sum().clamp_min(1)
+
+
+def reference_td_loss(policy_logits: torch.Tensor, prior_logits: torch.Tensor, target_logits, tokens: torch.Tensor,
+                      mask: torch.Tensor, reward: torch.Tensor, *, algorithm: str, beta: float = 1.0,
+                      gamma: float = 1.0, kl_kind: str = "none", kl_weight: float = 0.0, loss: str = "huber"):
+    """The straightforward TD loss, as Jaques et al.'s code computes it: full log-softmaxes of policy and prior (and
+    the softmax of the policy for the exact KL) over the vocabulary. A reference for tests and benchmarks, not for
+    training: it holds several float32 ``[B, T, V]`` tensors beside the logits.
+
+    ``policy_logits``, ``prior_logits`` ``[B, T, V]`` (position t scores token t); ``target_logits``: a list of the
+    target network's ``[B, T, V]`` logits, one per Monte-Carlo pass (the bootstrap is their minimum);
+    ``algorithm`` "psi_learning" | "q_learning". Returns ``(loss, q_taken [B, T], targets [B, T])``.
+    """
+    idx = tokens[..., None]
+    logp = torch.log_softmax(policy_logits.float(), -1)
+    loga = torch.log_softmax(prior_logits.detach().float(), -1)
+    q_taken = policy_logits.float().gather(-1, idx).squeeze(-1)
+    prior_lp = loga.gather(-1, idx).squeeze(-1)
+    with torch.no_grad():
+        if algorithm == "psi_learning":
+            v = torch.stack([torch.logsumexp(z.float(), -1) for z in target_logits]).amin(0)
+        else:
+            v = torch.stack([z.float().amax(-1) for z in target_logits]).amin(0)
+    next_v = shift_next(v)
+    done = last_token(mask)
+    r = token_rewards(reward, mask)
+    if algorithm == "psi_learning":
+        y = psi_targets(prior_lp, next_v, r, done, beta=beta, gamma=gamma)
+    else:
+        k = None
+        if kl_kind == "sampled":
+            k = prior_lp - logp.gather(-1, idx).squeeze(-1).detach()
+        elif kl_kind == "exact":
+            k = -(logp.exp() * (logp - loga)).sum(-1).detach()
+        y = q_targets(r, k, next_v, done, weight=kl_weight, gamma=gamma)
+    return td_loss(q_taken, y, mask, loss), q_taken, y
 
 
 def optimal_psi(cond_logprobs: Callable[[torch.Tensor], torch.Tensor], reward: Callable[[torch.Tensor], torch.Tensor],

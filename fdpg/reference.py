@@ -23,6 +23,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _tracked(t):
+    """A normal tensor for autograd to save: inference tensors (made under torch.inference_mode) are copied."""
+    if t is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return t
+    return t.clone() if t.is_inference() else t
+
+
 def token_logprobs_lse(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """``(lp, lse)``: ``lp = z[targets] - logsumexp(z)`` with ``z = logits / temperature``.
 
@@ -30,7 +37,7 @@ def token_logprobs_lse(logits: torch.Tensor, targets: torch.Tensor, temperature:
     """
     z = logits.to(_acc(logits.dtype)) / temperature
     lse = torch.logsumexp(z, -1)
-    return z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse, lse
+    return z.gather(-1, _tracked(targets).long().unsqueeze(-1)).squeeze(-1) - lse, lse
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -64,6 +71,7 @@ def paired_token_stats(policy_logits, prior_logits, targets, mask=None, entropy:
     """
     out = dict.fromkeys(("policy_lp", "prior_lp", "policy_lse", "prior_lse", "entropy", "kl", "policy_seq",
                          "prior_seq", "policy_max", "prior_max"))
+    prior_logits, targets, mask = _tracked(prior_logits), _tracked(targets), _tracked(mask)
     x = policy_logits.to(_acc(policy_logits.dtype)) / temperature
     lse = torch.logsumexp(x, -1)
     idx = targets.long().unsqueeze(-1)

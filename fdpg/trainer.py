@@ -36,11 +36,11 @@ import torch
 import yaml
 
 import fdpg
-from . import divergences, exact as exact_mod
+from . import distributed, divergences, exact as exact_mod
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from .data import OfflineData, load_offline, load_prompts
 from .models import (bos_token_id, build_tiny, eos_token_id, load_model, load_tokenizer, max_positions,
-                     model_inputs, quiet, score_sequences, use_fused_output, vocab_size)
+                     model_inputs, quiet, use_fused_output, vocab_size)
 from .sampling import Samples, cat_samples, left_pad, sample
 from .targets import SeqBatch, Target, TargetScores, build_target, fit_lambdas
 
@@ -91,7 +91,9 @@ class Trainer:
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.device = self._device(cfg.device)
+        self.device = distributed.setup(self._device(cfg.device))   # under torchrun: joins the process group
+        if not distributed.is_main():
+            self.log = lambda msg: None                                  # rank 0 speaks for the run
         on_gpu = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu) else None
         self.out = Path(cfg.output_dir)
@@ -159,6 +161,13 @@ class Trainer:
                                            vocab_size=self.V, search=search)
         self.divergence = divergences.get(cfg.divergence)
 
+        # ---- data parallel under torchrun: DDP, or FSDP2 (which replaces the parameters: before the optimizer)
+        self.dist = distributed.Parallel(cfg.distributed.strategy, self.device)
+        if self.dist.distributed and type(self).train_step is not Trainer.train_step:
+            raise ConfigError("algorithm", f"{cfg.algorithm} runs in one process only, not under torchrun (its "
+                                           "training step does not go through the data-parallel wrapper)")
+        self.dist.wrap(self.policy, self.prior, frozen=() if self.proposal is None else (self.proposal,))
+
         # ---- optimisation
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -171,7 +180,7 @@ class Trainer:
         self.z_logsum = torch.full((C,), -math.inf, dtype=torch.float64, device=self.device)
         self.z_count = torch.zeros(C, dtype=torch.float64, device=self.device)
         self.last_kl_p_q: float | None = None
-        self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.sample_gen = torch.Generator(self.device).manual_seed(distributed.rank_seed(cfg.seed))  # per rank
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.offline_perm, self.offline_pos = None, 0
         self._elapsed = 0.0
@@ -181,7 +190,7 @@ class Trainer:
 
         # ---- before training: exact space, probe, lambdas (or the checkpoint's)
         self.space = self._exact_space()
-        ckpt = self._find_checkpoint() if resume else None
+        ckpt = self.dist.broadcast(self._find_checkpoint() if resume else None)   # rank 0's choice, on every rank
         if ckpt is None:
             if resume:
                 self.log(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
@@ -253,10 +262,11 @@ class Trainer:
         if not self.conditional:
             return None, None, None
         spc = self.cfg.samples_per_context
-        n_ctx = -(-n // spc)
+        W = self.dist.world if gen is None else 1    # the trainer's stream: the global batch, this rank's slice
+        n_ctx = -(-n * W // spc)
         idx = torch.randint(len(self.contexts), (n_ctx,), generator=gen or self.data_gen)
-        idx = idx.repeat_interleave(spc)[:n]
-        return self._contexts_of(idx)
+        idx = idx.repeat_interleave(spc)[:n * W]
+        return self._contexts_of(self.dist.local(idx) if W > 1 else idx)
 
     def _contexts_of(self, idx: torch.Tensor):
         lens = self.ctx_len[idx]
@@ -276,10 +286,12 @@ class Trainer:
         return sample(model if model is not None else self.policy, n, self.cfg.max_length, eos_token_id=self.eos,
                       bos_token_id=self.bos, context_ids=ids, context_mask=mask, context_index=idx,
                       generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
-                      stop_check_every=1 if self.device.type == "cpu" else 16)
+                      # FSDP: no early stop, so that every rank runs the same forward passes (collectives)
+                      stop_check_every=(self.cfg.max_length if self.dist.strategy == "fsdp"
+                                        else 1 if self.device.type == "cpu" else 16))
 
     def _offline_batch(self, n: int) -> Samples:
-        data, parts, need = self.offline, [], n
+        data, parts, need = self.offline, [], n * self.dist.world   # the global batch; this rank keeps its slice
         while need:
             if self.offline_pos == len(data):
                 self.offline_perm = torch.randperm(len(data), generator=self.data_gen)
@@ -288,7 +300,7 @@ class Trainer:
             parts.append(self.offline_perm[self.offline_pos:self.offline_pos + take])
             self.offline_pos += take
             need -= take
-        idx = torch.cat(parts)
+        idx = self.dist.local(torch.cat(parts))
         ids, mask, cidx = self._contexts_of(data.context_index[idx])
         dev = self.device
         tokens = data.tokens[idx].to(dev)
@@ -312,8 +324,7 @@ class Trainer:
         """Policy and prior log-probs of ``s`` (one paired pass), the target's ``log b``, ``log P``, ``log q``."""
         inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
         with self._amp():
-            lpi, la = score_sequences(self.policy, self.prior, inp, s.tokens, s.mask, fused=self.fused,
-                                      policy_grad=grad)
+            lpi, la = self.dist.score(inp, s.tokens, s.mask, fused=self.fused, grad=grad)
         ts = self.target_scores(s)
         lq = lpi.detach() if self.on_policy else s.logprob
         return Scored(policy_lp=lpi, prior_lp=la, proposal_lp=lq, log_P=la + ts.log_b, target=ts)
@@ -362,18 +373,28 @@ class Trainer:
         """Score ``s`` (policy with grad), then :meth:`coefficients`; returns ``(surrogate loss, coefficients,
         Scored)``, the loss being ``mean(coef * log pi)``."""
         sc = self.score(s, grad=True)
-        coef = self.coefficients(sc, s.context_index if self.conditional else None, update_log_z=update_log_z)
-        return coef.loss(sc.policy_lp), coef, sc
+        idx = s.context_index if self.conditional else None
+        if not self.dist.distributed:
+            coef = self.coefficients(sc, idx, update_log_z=update_log_z)
+            return coef.loss(sc.policy_lp), coef, sc
+        # W ranks: every rank computes the statistics of the global batch from all ranks' per-sequence scalars
+        lpi, la, lq, lP, gidx = self.dist.gather(sc.policy_lp.detach(), sc.prior_lp, sc.proposal_lp, sc.log_P, idx)
+        coef = self.coefficients(Scored(lpi, la, lq, lP, None), gidx, update_log_z=update_log_z)
+        # gradient: this rank's mean of c_i grad log pi (DDP and FSDP average over ranks: the global mean);
+        # value: the global surrogate, as one process with the whole batch would log it
+        local = (self.dist.local(coef.coef).to(sc.policy_lp.dtype) * sc.policy_lp).mean()
+        return coef.loss(lpi) + (local - local.detach()), coef, sc
 
     # ------------------------------------------------------------------------------------------ the step
 
     def train_step(self) -> None:
         """One optimizer step over ``grad_accum`` batches from q."""
         cfg, t0 = self.cfg, time.perf_counter()
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             s = self.next_batch()                                   # 1. x ~ q, log q
-            loss, coef, sc = self.batch_loss(s)                     # 2-4. score, log Z, coefficients
-            (loss / cfg.grad_accum).backward()                      # 5. one backward per batch
+            with self.dist.accumulate(sync=i == cfg.grad_accum - 1):  # DDP: all-reduce with the last batch
+                loss, coef, sc = self.batch_loss(s)                 # 2-4. score, log Z, coefficients
+                (loss / cfg.grad_accum).backward()                  # 5. one backward per batch
             w = self._win
             w["loss"] += loss.detach()
             w["ess"] += coef.ess.detach().float()
@@ -385,8 +406,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.samples_seen += cfg.batch_size * cfg.grad_accum
-        self._win["samples"] += cfg.batch_size * cfg.grad_accum
+        self.samples_seen += cfg.batch_size * cfg.grad_accum * self.dist.world
+        self._win["samples"] += cfg.batch_size * cfg.grad_accum * self.dist.world
         if self.proposal is not None and self.step % cfg.proposal.every == 0:
             self._update_proposal()
         self._win["time"] += time.perf_counter() - t0
@@ -394,14 +415,16 @@ class Trainer:
     @torch.no_grad()
     def _update_proposal(self) -> None:
         """KL-adaptive proposal (Khalifa et al. 2021): q <- pi when KL(p||pi) < KL(p||q) on fresh samples of q."""
-        s = self.draw(self.cfg.proposal.n_samples or self.cfg.batch_size, self.proposal)
+        n = self.cfg.proposal.n_samples
+        s = self.draw(-(-n // self.dist.world) if n else self.cfg.batch_size, self.proposal)  # n: all ranks'
         sc = self.score(s, grad=False)
         idx = s.context_index if self.conditional else None
         log_p = sc.log_P - self._per_sample_log_z(self.log_z(), idx, len(s))
-        w = torch.exp(log_p - s.logprob)                      # p/q
+        log_p, lq, lpi = self.dist.gather(log_p, s.logprob, sc.policy_lp)  # all ranks' samples: one decision
+        w = torch.exp(log_p - lq)                             # p/q
         zero = torch.zeros_like(w)
-        kl_pi = torch.where(w > 0, w * (log_p - sc.policy_lp), zero).mean()
-        kl_q = torch.where(w > 0, w * (log_p - s.logprob), zero).mean()
+        kl_pi = torch.where(w > 0, w * (log_p - lpi), zero).mean()
+        kl_q = torch.where(w > 0, w * (log_p - lq), zero).mean()
         self.last_kl_p_q = float(kl_q)
         if bool(kl_pi < kl_q):                                # the one host sync of the step
             self.proposal.load_state_dict(self.policy.state_dict())
@@ -462,6 +485,7 @@ class Trainer:
         sat = self.target.satisfied(b)
         log_w = torch.where(sat, torch.zeros_like(phi[:, 0]), torch.full_like(phi[:, 0], -math.inf))
         lam, mom, ok = fit_lambdas(phi, log_w, self.target.mu_bar, lr=fit.lr, steps=fit.steps, tol=fit.tol)
+        lam, mom, ok = self.dist.broadcast((lam.cpu(), mom.cpu(), ok))      # rank 0's fit on every rank
         self.target.set_lambdas(lam.cpu())
         self.fit_report = {"lambdas": lam.tolist(), "moments": mom.tolist(), "mu_bar": list(self.target.mu_bar),
                            "converged": ok, "n_samples": fit.n_samples}
@@ -502,7 +526,7 @@ class Trainer:
     def _estimate(self) -> dict:
         """IS estimates from ``eval.n_samples`` fresh samples of the policy (q = pi), with the running log Z
         (or, for a context with no P > 0 sample yet, the estimate from these samples)."""
-        n, parts = self.cfg.eval.n_samples, []
+        n, parts = -(-self.cfg.eval.n_samples // self.dist.world), []   # per rank; the estimates use all ranks'
         while n > 0:
             k = min(n, self.cfg.batch_size)
             s = self.draw(k, self.policy)
@@ -513,6 +537,7 @@ class Trainer:
         la = torch.cat([p[1].prior_lp for p in parts])
         lP = torch.cat([p[1].log_P for p in parts])
         ts = [p[1].target for p in parts]
+        lpi, la, lP, idx = self.dist.gather(lpi, la, lP, idx)
         lse, cnt = self._group_logsumexp(lP - lpi, idx)
         log_z = torch.where(torch.isfinite(self.log_z()), self.log_z(), lse - torch.log(cnt))
         lz = self._per_sample_log_z(log_z, idx, lpi.shape[0])
@@ -520,13 +545,14 @@ class Trainer:
         out = {k: float(v) for k, v in est.items() if k != "log_z"}
         finite = torch.isfinite(log_z)
         out["log_z"] = float(log_z[finite].mean()) if bool(finite.any()) else -math.inf
-        sat = torch.cat([t.satisfied for t in ts]).double()
+        g = self.dist.gather
+        sat = g(torch.cat([t.satisfied for t in ts]).double())
         out["constraint_satisfaction"] = float(sat.mean())
-        out["e_pi_b"] = float(torch.cat([t.log_b_raw for t in ts]).double().exp().mean())
+        out["e_pi_b"] = float(g(torch.cat([t.log_b_raw for t in ts]).double()).exp().mean())
         if ts[0].reward is not None:
-            out["reward"] = float(torch.cat([t.reward for t in ts]).double().mean())
+            out["reward"] = float(g(torch.cat([t.reward for t in ts]).double()).mean())
         if ts[0].features is not None:
-            out["moments"] = torch.cat([t.features for t in ts]).double().mean(0).tolist()
+            out["moments"] = g(torch.cat([t.features for t in ts]).double()).mean(0).tolist()
         out["exact"] = False
         return out
 
@@ -537,6 +563,7 @@ class Trainer:
         w = self._win
         b = max(1, w["batches"])
         finite = torch.isfinite(self.log_z())
+        tokens = float(self.dist.sum(w["tokens"]))          # all ranks'
         rec = {"step": self.step, "samples": self.samples_seen}
         rec.update(m)
         rec.update({
@@ -547,13 +574,14 @@ class Trainer:
             "proposal_updates": self.proposal_updates,
             "kl_p_q": self.last_kl_p_q,
             "samples_per_s": w["samples"] / w["time"] if w["time"] > 0 else None,
-            "tokens_per_s": float(w["tokens"]) / w["time"] if w["time"] > 0 else None,
+            "tokens_per_s": tokens / w["time"] if w["time"] > 0 else None,
         })
         self._elapsed += w["time"] + (time.perf_counter() - t0)
         rec["time"] = self._elapsed
         rec = {k: _finite_or_none(v) for k, v in rec.items()}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
         self._reset_window()
         return rec
 
@@ -563,17 +591,19 @@ class Trainer:
         """Run to ``cfg.steps`` (evaluating every ``eval.every`` steps and at the end, checkpointing every
         ``checkpoint_every``); returns the run directory. The final policy is saved in ``output_dir/policy``."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if getattr(self, "fit_report", None):
-            _write_atomic(self.out / "target.json", json.dumps(self.fit_report, indent=1))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if getattr(self, "fit_report", None):
+                _write_atomic(self.out / "target.json", json.dumps(self.fit_report, indent=1))
         space = "none" if self.space is None else f"{len(self.space) * len(self.contexts)} sequences, exact metrics"
-        self.log(f"fdpg: {cfg.steps} steps of {self.divergence.name} (baseline {cfg.baseline}, "
-                 f"{'offline' if self.offline is not None else cfg.proposal.update}), batch {cfg.batch_size} x "
-                 f"{cfg.grad_accum}, {self.device}{' bf16' if self.amp_dtype else ''}; listed space: {space}; "
+        ranks = f" x {self.dist.world} ranks ({self.dist.strategy})" if self.dist.distributed else ""
+        self.log(f"fdpg: {cfg.steps} steps of {self._method()}, batch {cfg.batch_size} x "
+                 f"{cfg.grad_accum}{ranks}, {self.device}{' bf16' if self.amp_dtype else ''}; listed space: {space}; "
                  f"writing {self.out}")
         if self.resumed_from is None:
-            (self.out / "metrics.jsonl").write_text("")
+            if self.dist.is_main:
+                (self.out / "metrics.jsonl").write_text("")
             self._show(self.record())
         else:
             self.log(f"resumed from {self.resumed_from} at step {self.step}")
@@ -592,9 +622,15 @@ class Trainer:
         self._save_policy()
         return self.out
 
+    def _method(self) -> str:
+        """What the run trains with, for the opening log line."""
+        cfg = self.cfg
+        return (f"{self.divergence.name} (baseline {cfg.baseline}, "
+                f"{'offline' if self.offline is not None else cfg.proposal.update})")
+
     def _bar(self):
         show = self.cfg.progress
-        if show is False or (show == "auto" and not sys.stderr.isatty()):
+        if show is False or not self.dist.is_main or (show == "auto" and not sys.stderr.isatty()):
             return None
         from tqdm.auto import tqdm
 
@@ -608,16 +644,19 @@ class Trainer:
                             f"sat={fmt(rec['constraint_satisfaction'])} {fmt(rec['samples_per_s'])} samples/s")
 
     def _save_policy(self) -> None:
-        tmp = self.out / f".policy.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with quiet():
-            self.policy.save_pretrained(tmp)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        final = self.out / "policy"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        full = self.dist.full_state_dict(self.policy)     # FSDP: gathered to rank 0 (every rank takes part)
+        if self.dist.is_main:
+            tmp = self.out / f".policy.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with quiet():
+                self.dist.save_pretrained(self.policy, tmp, full)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            final = self.out / "policy"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.dist.barrier()
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -643,21 +682,28 @@ class Trainer:
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:08d}"
+        # every rank: FSDP's full state dicts gathered to rank 0, and each rank's random streams; rank 0 writes
+        par, models = self.dist, {"policy": self.policy, **self._checkpoint_models()}
+        full = {key: par.full_state_dict(model) for key, model in models.items()}
+        optimizer = par.optimizer_state_dict(self.policy, self.optimizer)
+        rngs = par.all_gather_object(self._rng_state())
+        if not par.is_main:
+            par.barrier()
+            return root / name
         tmp = root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         with quiet():
-            self.policy.save_pretrained(tmp / "policy")
-            if self.proposal is not None:
-                self.proposal.save_pretrained(tmp / "proposal")
+            for key, model in models.items():
+                par.save_pretrained(model, tmp / key, full[key])
         metrics = self.out / "metrics.jsonl"
         state = {
             "step": self.step, "samples": self.samples_seen, "proposal_updates": self.proposal_updates,
             "last_kl_p_q": self.last_kl_p_q, "z_logsum": self.z_logsum.cpu(), "z_count": self.z_count.cpu(),
             "lambdas": None if self.target.lambdas is None else self.target.lambdas.cpu(),
             "fit_report": getattr(self, "fit_report", None),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": self._rng_state(),
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+            "rng": rngs[0], "rng_ranks": rngs,
             "offline": None if self.offline is None else {"perm": self.offline_perm, "pos": self.offline_pos},
             "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self._win.items()},
             "elapsed": self._elapsed,
@@ -677,7 +723,12 @@ class Trainer:
         done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists())
         for old in done[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        par.barrier()
         return final
+
+    def _checkpoint_models(self) -> dict:
+        """The models saved in each checkpoint beside the policy, by directory name (subclasses add theirs)."""
+        return {} if self.proposal is None else {"proposal": self.proposal}
 
     def _find_checkpoint(self) -> Path | None:
         root = self.out / "checkpoints"
@@ -702,11 +753,11 @@ class Trainer:
             self.log(f"resume: the configuration differs from the checkpoint's in {', '.join(diff)}")
         with quiet():
             pol = AutoModelForCausalLM.from_pretrained(ckpt / "policy", local_files_only=True)
-            self.policy.load_state_dict(pol.state_dict())
-            if self.proposal is not None:
-                prop = AutoModelForCausalLM.from_pretrained(ckpt / "proposal", local_files_only=True)
-                self.proposal.load_state_dict(prop.state_dict())
-        self.optimizer.load_state_dict(st["optimizer"])
+            self.dist.load_full_state_dict(self.policy, pol.state_dict())
+            for name, model in self._checkpoint_models().items():
+                saved = AutoModelForCausalLM.from_pretrained(ckpt / name, local_files_only=True)
+                self.dist.load_full_state_dict(model, saved.state_dict())
+        self.dist.load_optimizer_state_dict(self.policy, self.optimizer, st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.step, self.samples_seen = st["step"], st["samples"]
         self.proposal_updates, self.last_kl_p_q = st["proposal_updates"], st["last_kl_p_q"]
@@ -715,13 +766,18 @@ class Trainer:
             self.target.set_lambdas(st["lambdas"])
         if st.get("fit_report"):
             self.fit_report = st["fit_report"]
-        self._set_rng_state(st["rng"])
+        rngs = st.get("rng_ranks") or [st["rng"]]
+        self._set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world else rngs[0])
+        if len(rngs) != self.dist.world:        # saved by another number of ranks: fresh per-rank sampling streams
+            self.log(f"resume: the checkpoint was written by {len(rngs)} rank(s), this run has {self.dist.world}; "
+                     "sampling streams are reseeded")
+            self.sample_gen.manual_seed(distributed.rank_seed(self.cfg.seed + 7 * self.step))
         if st["offline"] is not None:
             self.offline_perm, self.offline_pos = st["offline"]["perm"], st["offline"]["pos"]
         self._win = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in st["window"].items()}
         self._elapsed = st["elapsed"]
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
+        if self.dist.is_main and metrics.exists():
             with open(metrics, "r+b") as f:
                 f.truncate(st["metrics_bytes"])  # drop evaluations logged after this checkpoint
 
@@ -735,4 +791,8 @@ def train(config, *, resume: bool = False, overrides=(), log=None) -> Path:
         cfg = from_dict(apply_overrides(config, overrides))
     else:
         cfg = load_config(config, overrides)
+    if cfg.algorithm != "fdpg":
+        from .qtrainer import QTrainer  # psi_learning, q_learning
+
+        return QTrainer(cfg, resume=resume, log=log).train()
     return Trainer(cfg, resume=resume, log=log).train()

@@ -96,7 +96,7 @@ def test_wrong_type(data, key):
     (base(steps=0), "steps"),
     (base(lr=-1.0), "lr"),
     (base(divergence="kl_div"), "divergence"),
-    (base(algorithm="psi_learning"), "algorithm"),
+    (base(algorithm="psi_learning"), "offline"),
     (base(algorithm="ppo"), "algorithm"),
     (base(proposal={"update": "sometimes"}), "proposal.update"),
     (base(target={"constraints": [{"type": "contains_token"}]}), "target.constraints[0].token_id"),

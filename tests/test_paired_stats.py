@@ -146,3 +146,17 @@ def test_bad_inputs(gen):
         paired_token_stats(pol, pri, y, backend="fast")
     with pytest.raises(ValueError, match="backend: 'cuda' needs CUDA tensors"):
         paired_token_stats(pol, pri, y, backend="cuda")
+
+
+def test_inference_mode_prior_and_tokens_with_kl(gen):
+    """A prior scored (and tokens sampled) under torch.inference_mode can feed the differentiable KL."""
+    V = 37
+    pol = torch.randn(2, 3, V, generator=gen).requires_grad_(True)
+    with torch.inference_mode():
+        pri = torch.randn(2, 3, V, generator=gen)
+        y = torch.randint(0, V, (2, 3), generator=gen)
+        mask = torch.ones(2, 3, dtype=torch.bool)
+    for backend in ("torch", "triton"):
+        st = paired_token_stats(pol, pri, y, mask=mask, kl=True, entropy=True, backend=backend)
+        (g,) = torch.autograd.grad((st.kl.sum() + st.policy_seq.sum() + st.entropy.sum()), pol)
+        assert torch.isfinite(g).all()

@@ -88,3 +88,39 @@ def test_td_loss_masks_and_kinds():
     assert q.grad[1, 1] == 0
     with pytest.raises(ValueError, match="loss"):
         Q.td_loss(q, y, mask, "l1")
+
+
+def test_optimal_psi_on_a_tiny_gpt2_prior_matches_the_exact_evaluator():
+    """The fixed point through the models API: V(s_0) = log Z of the exact evaluator, and softmax(Psi) along each
+    sequence is p_beta(x) = a(x) exp(R(x)/beta) / Z (float64)."""
+    from fdpg import exact
+    from fdpg.models import build_tiny
+    from fdpg.targets import SeqBatch, Target, token_count
+
+    torch.set_num_threads(1)
+    V, T, eos, beta = 5, 4, 0, 0.8
+    prior = build_tiny(vocab_size=V, n_layer=2, n_embd=32, seed=0, initializer_range=0.3)
+
+    @torch.no_grad()
+    def cond(prefixes):
+        ids = torch.cat([torch.full((prefixes.shape[0], 1), eos), prefixes], 1)  # BOS = EOS, as GPT-2
+        return torch.log_softmax(prior(input_ids=ids).logits[:, -1].double(), -1)
+
+    target = Target(reward=token_count(2, weight=1.5), beta=beta)
+
+    def reward(seqs):
+        return target.reward(SeqBatch(seqs, torch.ones_like(seqs, dtype=torch.bool))).double()
+
+    tables = Q.optimal_psi(cond, reward, V, T, eos, beta=beta)
+    space = exact.enumerate_space(V, T, eos)
+    la = exact.space_logprobs(prior, space)
+    log_b = target.score(SeqBatch(space.tokens, space.mask)).log_b.double()
+    log_z = torch.logsumexp(la + log_b, 0)
+    assert abs(float(torch.logsumexp(tables[0][1][0], 0) - log_z)) < 1e-6
+    psi = {tuple(p): torch.log_softmax(row, -1) for t, (ps, rows) in tables.items() for p, row in zip(ps.tolist(), rows)}
+    log_pi = torch.tensor([sum(float(psi[tuple(s[:t])][s[t]]) for t in range(int(m.sum())))
+                           for s, m in zip(space.tokens.tolist(), space.mask)], dtype=torch.float64)
+    p_beta = (la + log_b - log_z).exp()
+    assert (log_pi.exp() - p_beta).abs().max() < 1e-6
+    m = exact.exact_metrics(log_pi, la, log_b)
+    assert m["kl_p_pi"] < 1e-9 and abs(m["pi_mass"] - 1) < 1e-9

@@ -132,9 +132,11 @@ class _TokenStats(torch.autograd.Function):
     def forward(ctx, policy, prior, targets, mask, temperature, entropy, kl, inplace, cuda=False):
         outs = torch.ops.fdpg.token_stats_fwd(policy, prior, targets, mask, temperature, entropy, kl, cuda)
         lp, lse, mx, ent, klv, seq, plp, plse, pmx, pseq = outs
-        # the prior's logits are kept alive for backward only when KL needs them
-        ctx.save_for_backward(policy, prior if kl else None, targets, mask, lse, ent if entropy else None,
-                              klv if kl else None, plse if kl else None)
+        # the prior's logits are kept alive for backward only when KL needs them. Inputs that never need grad
+        # (prior logits, token ids, mask) are kept as attributes: they may be inference tensors, e.g. a prior
+        # scored under torch.inference_mode, which save_for_backward refuses.
+        ctx.save_for_backward(policy, lse, ent if entropy else None, klv if kl else None, plse if kl else None)
+        ctx.prior, ctx.targets, ctx.mask = (prior if kl else None), targets, mask
         ctx.temperature, ctx.entropy, ctx.kl, ctx.inplace, ctx.cuda = temperature, entropy, kl, inplace, cuda
         ctx.has_mask = mask is not None
         ctx.mark_non_differentiable(mx, plp, plse, pmx, pseq)
@@ -143,7 +145,8 @@ class _TokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_lse, _gmx, g_ent, g_kl, g_seq, *_prior):
-        policy, prior, targets, mask, lse, ent, klv, plse = ctx.saved_tensors
+        policy, lse, ent, klv, plse = ctx.saved_tensors
+        prior, targets, mask = ctx.prior, ctx.targets, ctx.mask
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
         g_ent = g_ent if ctx.entropy else None
