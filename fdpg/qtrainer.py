@@ -41,7 +41,7 @@ from .config import Q_ALGORITHMS, Config, ConfigError, load_config
 from .models import _hidden, _logits, model_inputs
 from .sampling import Samples
 from .targets import SeqBatch
-from .trainer import Trainer, _finite_or_none
+from .trainer import Trainer, _fmt
 
 __all__ = ["QTrainer", "TDTerms", "sample_batch"]
 
@@ -287,37 +287,22 @@ class QTrainer(Trainer):
             m["v0_minus_log_z"] = m["v0"] - m["log_z"]
         return m
 
-    def record(self) -> dict:
-        """Evaluate and append one object to ``metrics.jsonl``: the evaluation, ``td_loss`` and ``q_mean`` (mean
-        Q of the actions taken) over the steps since the last record, the learning rate and the throughput."""
-        t0 = time.perf_counter()
-        m = self.evaluate()
+    def _window_metrics(self) -> dict:
+        """``td_loss`` and ``q_mean`` (mean Q of the actions taken) over the steps since the last record, the
+        learning rate and the throughput."""
         w = self._win
         b = w["batches"]
-        rec = {"step": self.step, "samples": self.samples_seen}
-        rec.update(m)
-        rec.update({
+        return {
             "td_loss": float(w["loss"]) / b if b else None,
             "q_mean": float(w["q"]) / b if b else None,
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": w["samples"] / w["time"] if w["time"] > 0 else None,
             "tokens_per_s": float(w["tokens"]) / w["time"] if w["time"] > 0 else None,
-        })
-        self._elapsed += w["time"] + (time.perf_counter() - t0)
-        rec["time"] = self._elapsed
-        rec = {k: _finite_or_none(v) for k, v in rec.items()}
-        if self.dist.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        self._reset_window()
-        return rec
+        }
 
-    def _show(self, rec: dict, bar=None) -> None:
-        if bar is None:
-            return
-        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-        bar.set_postfix_str(f"TD={fmt(rec['td_loss'])} KL(p|pi)={fmt(rec.get('kl_p_pi'))} "
-                            f"V0={fmt(rec['v0'])} logZ={fmt(rec.get('log_z'))}")
+    def _postfix(self, rec: dict) -> str:
+        return (f"TD={_fmt(rec['td_loss'])} KL(p|pi)={_fmt(rec.get('kl_p_pi'))} "
+                f"V0={_fmt(rec['v0'])} logZ={_fmt(rec.get('log_z'))}")
 
 
 def _has_dropout(model) -> bool:

@@ -70,6 +70,10 @@ def _finite_or_none(v):
     return v
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -557,16 +561,28 @@ class Trainer:
         return out
 
     def record(self) -> dict:
-        """Evaluate and append one object to ``metrics.jsonl``; returns it."""
+        """Evaluate and append one object to ``metrics.jsonl`` (the evaluation, then :meth:`_window_metrics` over
+        the steps since the last record); returns it."""
         t0 = time.perf_counter()
-        m = self.evaluate()
+        rec = {"step": self.step, "samples": self.samples_seen}
+        rec.update(self.evaluate())
+        rec.update(self._window_metrics())
+        self._elapsed += self._win["time"] + (time.perf_counter() - t0)
+        rec["time"] = self._elapsed
+        rec = {k: _finite_or_none(v) for k, v in rec.items()}
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self._reset_window()
+        return rec
+
+    def _window_metrics(self) -> dict:
+        """Training figures accumulated since the last record: loss, ESS, running log Z, throughput."""
         w = self._win
         b = max(1, w["batches"])
         finite = torch.isfinite(self.log_z())
         tokens = float(self.dist.sum(w["tokens"]))          # all ranks'
-        rec = {"step": self.step, "samples": self.samples_seen}
-        rec.update(m)
-        rec.update({
+        return {
             "ess": float(w["ess"]) / b if w["batches"] else None,
             "loss": float(w["loss"]) / b if w["batches"] else None,
             "log_z_estimate": float(self.log_z()[finite].mean()) if bool(finite.any()) else None,
@@ -575,15 +591,7 @@ class Trainer:
             "kl_p_q": self.last_kl_p_q,
             "samples_per_s": w["samples"] / w["time"] if w["time"] > 0 else None,
             "tokens_per_s": tokens / w["time"] if w["time"] > 0 else None,
-        })
-        self._elapsed += w["time"] + (time.perf_counter() - t0)
-        rec["time"] = self._elapsed
-        rec = {k: _finite_or_none(v) for k, v in rec.items()}
-        if self.dist.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        self._reset_window()
-        return rec
+        }
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -637,11 +645,13 @@ class Trainer:
         return tqdm(total=self.cfg.steps, initial=self.step, file=sys.stderr, dynamic_ncols=True, desc="fdpg")
 
     def _show(self, rec: dict, bar=None) -> None:
-        if bar is None:
-            return
-        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-        bar.set_postfix_str(f"KL(p|pi)={fmt(rec['kl_p_pi'])} KL(pi|a)={fmt(rec['kl_pi_a'])} "
-                            f"sat={fmt(rec['constraint_satisfaction'])} {fmt(rec['samples_per_s'])} samples/s")
+        if bar is not None:
+            bar.set_postfix_str(self._postfix(rec))
+
+    def _postfix(self, rec: dict) -> str:
+        """The progress bar's figures."""
+        return (f"KL(p|pi)={_fmt(rec['kl_p_pi'])} KL(pi|a)={_fmt(rec['kl_pi_a'])} "
+                f"sat={_fmt(rec['constraint_satisfaction'])} {_fmt(rec['samples_per_s'])} samples/s")
 
     def _save_policy(self) -> None:
         full = self.dist.full_state_dict(self.policy)     # FSDP: gathered to rank 0 (every rank takes part)
