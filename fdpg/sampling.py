@@ -66,7 +66,7 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None, bos_token_id: int = 0,
            context_ids: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
            context_index: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1) -> Samples:
+           autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1, fast: bool = True) -> Samples:
     """Draw ``batch_size`` sequences by ancestral sampling with the KV cache.
 
     Args:
@@ -79,10 +79,15 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         generator: the source of randomness (on the model's device).
         autocast_dtype: run the model under autocast to this dtype (e.g. bfloat16 on a GPU); log-probs are float32.
         stop_check_every: test every this many tokens whether all sequences have ended (a host sync).
+        fast: decode with :mod:`fdpg.decode`'s own forward and static KV cache for the model families it knows
+            (GPT-2, Llama); other models, and False, use the model's forward with Hugging Face's cache. Both
+            compute the same distribution and consume the generator alike.
 
     Returns:
         :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
     """
+    from .decode import decoder
+
     dev = next(model.parameters()).device
     if context_ids is None:
         context_ids = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=dev)
@@ -92,41 +97,50 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     B, P = context_ids.shape
     if B != batch_size:
         raise ValueError(f"context_ids: expected {batch_size} rows (batch_size), got {B}")
+    if max_length < 1:
+        raise ValueError(f"max_length: expected >= 1, got {max_length}")
     amp = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    attn = None if context_mask is None else context_mask.long()
-    pos = None if context_mask is None else (attn.cumsum(1) - 1).clamp_min(0)
-    next_pos = None if pos is None else pos[:, -1:] + 1
     pad = 0 if eos_token_id is None else eos_token_id
+    done = torch.zeros(B, 1, dtype=torch.bool, device=dev)
+    any_done = False                      # known on the host at the stop checks; until then nothing to mask
     tokens, lps = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    ids, cache = context_ids, None
+    dec = decoder(model, B, P + max_length - 1, fast=fast)
+    with amp:
+        logits = dec.prefill(context_ids, context_mask)
     for t in range(max_length):
-        with amp:
-            out = model(input_ids=ids, past_key_values=cache, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
-        # inverse CDF in float64 (one uniform per row): exact to rounding, cheaper than multinomial's V exponentials
-        cdf = logp.exp().double().cumsum(-1)
-        u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=dev) * cdf[:, -1:]
-        tok = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1).squeeze(-1)
-        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        lps.append(torch.where(done, torch.zeros_like(lp), lp))
-        tokens.append(tok)
-        ids = tok[:, None]
-        if attn is not None:
-            attn = torch.cat([attn, torch.ones_like(ids)], 1)
-            pos, next_pos = next_pos, next_pos + 1
+        tok, lp = _draw(logits, generator)                        # [B, 1] each
         if eos_token_id is not None:
-            done = done | (tok == eos_token_id)
-            if (t + 1) % stop_check_every == 0 and t + 1 < max_length and bool(done.all()):
+            if any_done or stop_check_every > 1:
+                tok.masked_fill_(done, pad)
+                lp.masked_fill_(done, 0.0)
+            done |= tok == eos_token_id
+        tokens.append(tok)
+        lps.append(lp)
+        if t + 1 == max_length:
+            break
+        if eos_token_id is not None and (t + 1) % stop_check_every == 0:
+            n_done = int(done.sum())
+            if n_done == B:
                 break
-    tokens = torch.stack(tokens, 1)
-    token_lp = torch.stack(lps, 1)
+            any_done = n_done > 0
+        with amp:
+            logits = dec.step(tok.view(-1))
+    tokens, token_lp = torch.cat(tokens, 1), torch.cat(lps, 1)
     mask = fdpg.completion_mask(tokens, eos_token_id)
     return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
                    context_ids=context_ids, context_mask=context_mask, context_index=context_index)
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits [B, V]`` and its log-prob, ``[B, 1]`` long and float32, by the inverse CDF in
+    float64 with one uniform per row (exact to rounding, cheaper than multinomial's V exponentials)."""
+    p = torch.softmax(logits, -1, dtype=torch.float32)
+    cdf = p.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64, device=p.device)
+    tok = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).clamp_max_(cdf.shape[-1] - 1)
+    # log of the drawn token's probability (a token is drawn only when its probability is not 0)
+    return tok, p.gather(-1, tok).log_()
 
 
 def cat_samples(parts: list[Samples], pad_id: int) -> Samples:

@@ -1,0 +1,517 @@
+"""Incremental decoding with a preallocated KV cache: our own forward for GPT-2 and Llama, Hugging Face's elsewhere.
+
+    >>> dec = decoder(model, batch_size=64, max_len=P + T)       # fast when the model family is known
+    >>> logits = dec.prefill(context_ids, context_mask)          # [B, V]: next-token logits after the contexts
+    >>> logits = dec.step(tokens)                                # [B, V] after appending tokens [B]
+
+The fast path (``GPT2LMHeadModel``, ``LlamaForCausalLM``) reads the Hugging Face module's own weights (no copies:
+an optimizer step is seen at once) and runs each layer as a few functional ops: QKV fused where the checkpoint
+stores it fused (GPT-2's ``c_attn``), attention over the filled prefix of a cache allocated once for ``max_len``
+positions, the output layer on the last position only. It computes the model's own function (the same ops in the
+same order where the model defines them; equal to its forward to float rounding), in the model's train/eval
+mode: a model in train mode with dropout on, another family, forward hooks, sharded (DTensor), quantized or
+meta weights take the generic path (the model's forward with Hugging Face's dynamic cache).
+
+On a GPU the cache is ``[layers, B, max_len, kv_heads, head_dim]`` and attention is
+``scaled_dot_product_attention``; ``static=True`` gives every step fixed shapes and no host-side state that
+changes per token (attention over the whole cache under a mask, writes at a device-side slot index), for CUDA
+graphs or ``torch.compile(mode="reduce-overhead")``. On the CPU (by default) the cache is a feature-major "slab"
+(see :class:`_FastDecoder`) that the QKV projection writes in place and single-query attention reads with two
+broadcast products, several times cheaper than SDPA's per-(row, head) loop at decoding sizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["decoder", "fast_path_reason", "Decoder"]
+
+
+def _exact(module, *names) -> bool:
+    return type(module).__name__ in names
+
+
+def _plain(t) -> bool:
+    """A dense tensor on its own (not a DTensor, quantized or meta tensor)."""
+    return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+                         and t.layout == torch.strided)
+
+
+def _dropout_active(model) -> bool:
+    if not model.training:
+        return False
+    cfg = model.config
+    if any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop", "resid_pdrop",
+                                                              "embd_pdrop", "hidden_dropout")):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def fast_path_reason(model) -> str | None:
+    """Why ``model`` cannot take the fast path (a short reason), or None when it can."""
+    name = type(model).__name__
+    if name not in ("GPT2LMHeadModel", "LlamaForCausalLM"):
+        return f"{name} is not a model family with a fast decoder (GPT2LMHeadModel, LlamaForCausalLM)"
+    if _dropout_active(model):
+        return "the model is in train mode with dropout on"
+    devices, dtypes = set(), set()
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            return f"{type(m).__name__} has forward hooks"
+        for t in list(m._parameters.values()):
+            if not _plain(t):
+                return f"{type(m).__name__} holds a {type(t).__name__} that is not a plain dense tensor"
+            if t is not None:
+                devices.add(t.device)
+                dtypes.add(t.dtype)
+    if len(devices) != 1:
+        return f"the weights are on {len(devices)} devices"
+    if len(dtypes) != 1:
+        return "the weights have mixed dtypes"
+    cfg = model.config
+    if name == "GPT2LMHeadModel":
+        if getattr(cfg, "add_cross_attention", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+            return "GPT-2 with cross-attention or reorder_and_upcast_attn"
+        want = {"ln_1": "LayerNorm", "ln_2": "LayerNorm", "attn.c_attn": "Conv1D", "attn.c_proj": "Conv1D",
+                "mlp.c_fc": "Conv1D", "mlp.c_proj": "Conv1D"}
+        blocks, extra = model.transformer.h, (model.transformer.ln_f, "LayerNorm")
+    else:
+        rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", "linear", "llama3", "yarn"):
+            return f"Llama with {rope_type!r} RoPE (position-dependent frequencies)"
+        if int(getattr(cfg, "pretraining_tp", 1) or 1) != 1:
+            return "Llama with pretraining_tp > 1"
+        want = {"input_layernorm": "LlamaRMSNorm", "post_attention_layernorm": "LlamaRMSNorm",
+                "self_attn.q_proj": "Linear", "self_attn.k_proj": "Linear", "self_attn.v_proj": "Linear",
+                "self_attn.o_proj": "Linear", "mlp.gate_proj": "Linear", "mlp.up_proj": "Linear",
+                "mlp.down_proj": "Linear"}
+        blocks, extra = model.model.layers, (model.model.norm, "LlamaRMSNorm")
+        if len(blocks) != cfg.num_hidden_layers:
+            return "Llama with a truncated layer list"
+    for blk in blocks:
+        for path, cls in want.items():
+            m = blk.get_submodule(path)
+            if not _exact(m, cls):
+                return f"{path} is a {type(m).__name__}, expected {cls}"
+    if not _exact(extra[0], extra[1]):
+        return f"the final norm is a {type(extra[0]).__name__}"
+    head = model.get_output_embeddings()
+    if not _exact(head, "Linear"):
+        return f"the output layer is a {type(head).__name__}, expected Linear"
+    return None
+
+
+class Decoder:
+    """Next-token logits ``[B, V]`` for a batch of sequences grown one token at a time.
+
+    ``prefill(context_ids [B, P] long, context_mask [B, P] bool or None)`` runs the left-padded contexts;
+    ``step(tokens [B] long)`` appends one token to every sequence. Positions count real tokens only (padding
+    takes position 0 and is never attended to), as in :func:`fdpg.models.model_inputs`. ``fast`` says which path.
+    Both run without autograd (the logits carry no grad).
+    """
+
+    fast = False
+
+    def prefill(self, context_ids: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _HFDecoder(Decoder):
+    """The generic path: the model's own forward with its dynamic cache."""
+
+    def __init__(self, model):
+        self.model, self.cache, self.attn, self.pos = model, None, None, None
+
+    @torch.no_grad()
+    def prefill(self, context_ids, context_mask):
+        self.attn = None if context_mask is None else context_mask.long()
+        pos = None if context_mask is None else (self.attn.cumsum(1) - 1).clamp_min(0)
+        self.pos = None if pos is None else pos[:, -1:] + 1
+        return self._run(context_ids, pos)
+
+    @torch.no_grad()
+    def step(self, tokens):
+        ids = tokens[:, None]
+        pos = self.pos
+        if self.attn is not None:
+            self.attn = torch.cat([self.attn, torch.ones_like(ids)], 1)
+            self.pos = self.pos + 1
+        return self._run(ids, pos)
+
+    def _run(self, ids, pos):
+        out = self.model(input_ids=ids, past_key_values=self.cache, attention_mask=self.attn, position_ids=pos,
+                         use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
+class _FastDecoder(Decoder):
+    """Shared machinery of the fast path: cache, positions, masks, attention; families supply the projections.
+
+    Two cache layouts (``S`` = max_len, ``D``/``Dkv`` = query/key width):
+
+    - "sdpa" (GPUs, and ``static``): ``k, v [layers, B, S, kv_heads, head_dim]``, FlashAttention's layout (a
+      token's keys are one contiguous row), read by ``scaled_dot_product_attention``.
+    - "slab" (the CPU): ``[layers, S, D + 2 Dkv, B]``, one slot per position holding that token's q, k and v
+      transposed (feature-major, batch innermost). The QKV projection writes a slot in place (``out=`` of one
+      GEMM, no copy), and single-query attention is two broadcast products that broadcast over the outermost
+      dimension and reduce over a middle one with the batch innermost (the fast cases of PyTorch's CPU kernels;
+      SDPA's per-(row, head) overhead dominates at decoding sizes there). The attention output comes back
+      transposed and enters the output projection as a transposed operand of its GEMM (no copy).
+    """
+
+    fast = True
+
+    def __init__(self, model, batch_size: int, max_len: int, *, static: bool = False, attention: str = "auto"):
+        if attention not in ("auto", "sdpa", "broadcast"):
+            raise ValueError(f"attention: expected 'auto', 'sdpa' or 'broadcast', got {attention!r}")
+        if static and attention == "broadcast":
+            raise ValueError("attention: 'broadcast' attends to the filled prefix; static=True needs 'sdpa'")
+        self.model, self.B, self.S, self.static = model, batch_size, max_len, static
+        w = model.get_output_embeddings()
+        self.head_w, self.head_b = w.weight, w.bias
+        self.dev, self.wdtype = w.weight.device, w.weight.dtype
+        # the slab: asked for, or on the CPU in float32 (in bf16/fp16 its products would round before the sums)
+        self.want_slab = attention == "broadcast" or (attention == "auto" and self.dev.type == "cpu" and not static
+                                                      and self.wdtype == torch.float32)
+        self.slab = False           # decided at prefill (not under autocast: out= GEMMs keep the weights' dtype)
+        self.k = self.v = self.kv = None
+        self.n = 0                  # filled positions
+        self.valid = None           # [B, S] bool: which slots hold real tokens (None: all of them)
+        self.pos = None             # [B, S] long: the position of every slot of every row
+
+    # ---- cache and attention ----------------------------------------------------------------------------------
+
+    def _store(self, i: int, k, v):
+        """Write the prefill's ``k, v [B, P, Hkv, hd]`` at slots ``0..P-1`` of layer ``i``."""
+        B, P, Hkv, hd = k.shape
+        if self.slab:
+            if self.kv is None:
+                self._alloc_slab()
+            self._k5[i][:P, :, 0].copy_(k.permute(1, 2, 3, 0))
+            self._v5[i][:P, :, 0].copy_(v.permute(1, 2, 3, 0))
+            return
+        if self.k is None:  # the dtype of k: the weights', or autocast's
+            new = torch.zeros if self.static else torch.empty   # static attention reads (masked) unfilled slots
+            self.k = new(self.n_layer, B, self.S, Hkv, hd, dtype=k.dtype, device=self.dev)
+            self.v = new(self.n_layer, B, self.S, Hkv, hd, dtype=v.dtype, device=self.dev)
+        self.k[i, :, :P] = k
+        self.v[i, :, :P] = v
+
+    def _alloc_slab(self):
+        L, S, B, D, Dkv, Hkv, hd = self.n_layer, self.S, self.B, self.D, self.Dkv, self.n_kv, self.hd
+        G = self.n_head // Hkv
+        self.kv = torch.empty(L, S, D + 2 * Dkv, B, dtype=self.wdtype, device=self.dev)
+        # per-layer views (made once: a decoding step is a few hundred small ops, each view call counts)
+        self._slots = [self.kv[i] for i in range(L)]                                    # [S, D + 2 Dkv, B]
+        self._q5 = [x[:, :D].view(S, Hkv, G, hd, B) for x in self._slots]
+        self._k5 = [x[:, D:D + Dkv].view(S, Hkv, 1, hd, B) for x in self._slots]
+        self._v5 = [x[:, D + Dkv:].view(S, Hkv, 1, hd, B) for x in self._slots]
+        # the products' workspace: fresh temporaries that grow by a slot every step would each be a new mmap
+        self._ws = torch.empty(S, Hkv, G, hd, B, dtype=self.wdtype, device=self.dev)
+        o = torch.empty(D, B, dtype=self.wdtype, device=self.dev)
+        self._o5, self._o_t = o.view(Hkv, G, hd, B), o.t()       # the attention output, and as [B, D]
+
+    def _attend_prefill(self, i: int, q, k, v):
+        """Causal attention of the contexts ``q [B, P, H, hd]``, ``k, v [B, P, Hkv, hd]`` (stored for the steps).
+        Returns ``[B * P, H * hd]``."""
+        self._store(i, k, v)
+        B, P, H, hd = q.shape
+        gqa = {"enable_gqa": True} if self.n_kv != H else {}
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=self._mask, is_causal=self._mask is None and P > 1,
+                                           scale=self.scales[i], **gqa)
+        return o.transpose(1, 2).reshape(B * P, H * hd)
+
+    def _attend_step(self, i: int, q, k, v):
+        """One query per row, "sdpa" layout: ``q [B, 1, H, hd]``, ``k, v [B, 1, Hkv, hd]`` -> ``[B, H * hd]``."""
+        B, _, H, hd = q.shape
+        ck, cv = self.k[i], self.v[i]
+        gqa = {"enable_gqa": True} if self.n_kv != H else {}
+        if self.static:
+            idx = self._n_dev.view(1)
+            ck.index_copy_(1, idx, k)
+            cv.index_copy_(1, idx, v)
+            mask = self._step_mask
+        else:
+            n = self.n + 1
+            ck[:, self.n] = k[:, 0]
+            cv[:, self.n] = v[:, 0]
+            ck, cv = ck[:, :n], cv[:, :n]
+            mask = None if self.valid is None else self.valid[:, None, None, :n]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scales[i], **gqa)
+        return o.reshape(B, H * hd)
+
+    def _attend_slab(self, i: int):
+        """One query per row from slot ``self.n`` of the slab (its q, k, v written there) -> ``[B, H * hd]``
+        (a transposed view)."""
+        n = self.n + 1
+        ws = self._ws[:n]
+        sc = torch.mul(self._k5[i][:n], self._q5[i][self.n], out=ws).sum(3, keepdim=True)   # [n, Hkv, G, 1, B]
+        if self.valid is None:
+            sc = sc.mul_(self.scales[i])
+        else:
+            sc = torch.add(self._bias[:n], sc, alpha=self.scales[i])
+        torch.sum(torch.mul(torch.softmax(sc, 0), self._v5[i][:n], out=ws), 0, out=self._o5)
+        return self._o_t
+
+    def _prefill_mask(self, P: int):
+        if self.valid is None:
+            return None                                          # is_causal
+        keys = self.valid[:, None, None, :P]                     # [B, 1, 1, P]
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.dev).tril()
+        # a padding query sees only itself (finite values in its own K/V slot, which no real query ever reads)
+        return (causal & keys) | torch.eye(P, dtype=torch.bool, device=self.dev)
+
+    # ---- the public steps -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, context_ids, context_mask):
+        B, P = context_ids.shape
+        if B != self.B or not 0 < P <= self.S:
+            raise ValueError(f"context_ids: expected [{self.B}, 1..{self.S}], got {list(context_ids.shape)}")
+        self.n = 0
+        self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
+        if context_mask is None:
+            self.valid = None
+            pos = torch.arange(P, device=self.dev).expand(B, P)
+        else:
+            self.valid = torch.ones(B, self.S, dtype=torch.bool, device=self.dev)
+            self.valid[:, :P] = context_mask
+            pos = (context_mask.long().cumsum(1) - 1).clamp_min(0)
+            if self.slab:
+                self._bias = torch.zeros(self.S, 1, 1, 1, B, device=self.dev).masked_fill_(
+                    ~self.valid.t()[:, None, None, None, :], float("-inf"))
+        self.pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(self.S - P, device=self.dev)], 1)
+        self._start()
+        self._mask = self._prefill_mask(P)
+        h = self._forward(context_ids, prefill=True)               # [B, d], the last position
+        self.n = P
+        if self.static:
+            self._n_dev = torch.full((), P, dtype=torch.long, device=self.dev)
+            m = torch.ones(B, self.S, dtype=torch.bool, device=self.dev) if self.valid is None else self.valid
+            self._valid4 = m[:, None, None, :]
+            self._ar = torch.arange(self.S, device=self.dev)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def step(self, tokens):
+        """Append ``tokens [B]`` (the next position of every row) and return the next logits ``[B, V]``."""
+        if self.n >= self.S:
+            raise ValueError(f"the cache is full ({self.S} positions)")
+        if tokens.shape != (self.B,):
+            if tokens.numel() != self.B:
+                raise ValueError(f"tokens: expected [{self.B}] (one per row), got {list(tokens.shape)}")
+            tokens = tokens.reshape(self.B)
+        out = self._step(tokens)
+        self.n += 1
+        return out
+
+    def _step(self, tokens):
+        """One token per row; static, it reads no host-side state that changes between tokens (CUDA-graph and
+        torch.compile friendly: fixed shapes, device-side position and slot index)."""
+        if self.static:
+            self._step_mask = self._valid4 & (self._ar <= self._n_dev)
+        h = self._forward(tokens, prefill=False)
+        if self.static:
+            self._n_dev += 1
+        return self._logits(h)
+
+    def _slot(self, table):
+        """Row ``n`` (the slot being filled) of a per-slot table ``[B, S, ...]``: ``[B, ...]``."""
+        if self.static:
+            return table.index_select(1, self._n_dev.view(1)).squeeze(1)
+        return table[:, self.n]
+
+    def _forward(self, ids, prefill: bool):
+        """The layers over the contexts ``ids [B, P]`` (prefill) or one token per row ``ids [B]`` at slot
+        ``self.n``: the last position's hidden state ``[B, d]``."""
+        self._prefilling = prefill
+        s = ids.shape[1] if prefill else 1
+        x = self._embed(ids)                                      # [B * s, d]
+        for i in range(self.n_layer):
+            h = self._norm1(i, x)
+            if prefill:
+                a = self._attend_prefill(i, *self._qkv(i, h, s))
+            elif self.slab:
+                self._qkv_slab(i, h, self._slots[i][self.n])
+                a = self._attend_slab(i)
+            else:
+                a = self._attend_step(i, *self._qkv(i, h, 1))
+            x = self._mlp(i, self._attn_out(i, a, x))
+        return x.view(self.B, s, -1)[:, -1] if prefill else x
+
+    def _start(self):
+        pass
+
+    def _logits(self, h):
+        return F.linear(self._final_norm(h), self.head_w, self.head_b)
+
+
+def _ln(x, ln):
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+class _GPT2(_FastDecoder):
+    def __init__(self, model, batch_size, max_len, **kw):
+        super().__init__(model, batch_size, max_len, **kw)
+        cfg, tr = model.config, model.transformer
+        self.n_layer, self.n_head = len(tr.h), cfg.n_head
+        self.n_kv, self.d = self.n_head, cfg.n_embd
+        self.hd = self.d // self.n_head
+        self.D = self.Dkv = self.d
+        self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, tr.ln_f
+        self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.act, b.mlp.c_proj)
+                       for b in tr.h]
+        self.qkv_t = [(b.attn.c_attn.bias[:, None], b.attn.c_attn.weight.t()) for b in tr.h]    # views
+        self.scales = []
+        for i in range(self.n_layer):
+            scale = self.hd ** -0.5 if cfg.scale_attn_weights else 1.0
+            self.scales.append(scale / float(i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale)
+
+    def _start(self):
+        n_pos = self.wpe.shape[0]
+        if self.S > n_pos and int(self.pos.max()) >= n_pos:        # (a host sync only when it can overflow)
+            raise ValueError(f"max_len: positions up to {int(self.pos.max())} exceed the model's {n_pos} "
+                             "(n_positions); shorten the contexts or max_length")
+        self.pe = F.embedding(self.pos, self.wpe)                   # [B, S, d]: every slot's position embedding
+
+    def _embed(self, ids):
+        if self._prefilling:
+            return (F.embedding(ids, self.wte) + self.pe[:, :ids.shape[1]]).view(-1, self.d)
+        return F.embedding(ids, self.wte) + self._slot(self.pe)
+
+    def _norm1(self, i, x):
+        return _ln(x, self.blocks[i][0])
+
+    def _qkv(self, i, h, s):
+        c_attn = self.blocks[i][1]
+        return torch.addmm(c_attn.bias, h, c_attn.weight).view(self.B, s, 3, self.n_head, self.hd).unbind(2)
+
+    def _qkv_slab(self, i, h, slot):
+        bias, w_t = self.qkv_t[i]                                  # slot [3D, B] = W^T h^T + b
+        torch.addmm(bias, w_t, h.t(), out=slot)
+
+    def _attn_out(self, i, a, x):
+        c_proj = self.blocks[i][2]
+        return torch.addmm(c_proj.bias, a, c_proj.weight) + x
+
+    def _mlp(self, i, x):
+        _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
+        h = act(torch.addmm(c_fc.bias, _ln(x, ln2), c_fc.weight))
+        return torch.addmm(m_proj.bias, h, m_proj.weight) + x
+
+    def _final_norm(self, h):
+        return _ln(h, self.ln_f)
+
+
+def _rms(x, norm):
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)    # one op, same math
+    dt = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(dt)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _linear_t(lin, h, out):
+    """``out [N, B] = W h^T + b`` (the transposed output of ``lin`` written in place)."""
+    if lin.bias is None:
+        torch.mm(lin.weight, h.t(), out=out)
+    else:
+        torch.addmm(lin.bias[:, None], lin.weight, h.t(), out=out)
+
+
+class _Llama(_FastDecoder):
+    def __init__(self, model, batch_size, max_len, **kw):
+        super().__init__(model, batch_size, max_len, **kw)
+        cfg, base = model.config, model.model
+        self.n_layer, self.n_head, self.n_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d = cfg.hidden_size
+        self.hd = getattr(cfg, "head_dim", None) or self.d // self.n_head
+        self.D, self.Dkv = self.n_head * self.hd, self.n_kv * self.hd
+        self.emb, self.norm, self.rotary = base.embed_tokens.weight, base.norm, base.rotary_emb
+        self.blocks = [(b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                        b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj,
+                        b.mlp.act_fn, b.mlp.down_proj) for b in base.layers]
+        self.scales = [getattr(b.self_attn, "scaling", self.hd ** -0.5) for b in base.layers]
+
+    def _start(self):
+        # cos/sin of every slot of every row: [B, S, hd] (the rotary module's own computation)
+        x = torch.empty(0, dtype=self.emb.dtype, device=self.dev)
+        self.cos, self.sin = self.rotary(x, self.pos)
+        if self.slab:
+            # feature-major [S, hd, B], with rotate_half's sign folded into sin: rotate_half(x) = roll(x) * sign
+            h = self.hd // 2
+            sign = torch.cat([-torch.ones(h), torch.ones(self.hd - h)]).to(self.sin)
+            self.cos_t = self.cos.permute(1, 2, 0).contiguous()
+            self.sin_t = (self.sin * sign).permute(1, 2, 0).contiguous()
+
+    def _embed(self, ids):
+        return F.embedding(ids, self.emb).view(-1, self.d)
+
+    def _norm1(self, i, x):
+        return _rms(x, self.blocks[i][0])
+
+    def _rope(self, s):
+        """cos, sin ``[B, s, 1, hd]`` of the positions being computed."""
+        if self._prefilling:
+            return self.cos[:, :s, None], self.sin[:, :s, None]
+        return self._slot(self.cos)[:, None, None], self._slot(self.sin)[:, None, None]
+
+    def _qkv(self, i, h, s):
+        _, qp, kp, vp = self.blocks[i][:4]
+        B, H, Hkv, hd = self.B, self.n_head, self.n_kv, self.hd
+        cos, sin = self._rope(s)
+        q = F.linear(h, qp.weight, qp.bias).view(B, s, H, hd)
+        k = F.linear(h, kp.weight, kp.bias).view(B, s, Hkv, hd)
+        v = F.linear(h, vp.weight, vp.bias).view(B, s, Hkv, hd)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _qkv_slab(self, i, h, slot):
+        _, qp, kp, vp = self.blocks[i][:4]
+        D, Dkv, hd = self.D, self.Dkv, self.hd
+        cos, sin = self.cos_t[self.n], self.sin_t[self.n]          # [hd, B]
+        _linear_t(qp, h, slot[:D])
+        _linear_t(kp, h, slot[D:D + Dkv])
+        _linear_t(vp, h, slot[D + Dkv:])
+        qk = slot[:D + Dkv].view(-1, hd, self.B)                  # q's and k's heads together
+        r = torch.roll(qk, hd // 2, 1)
+        qk.mul_(cos).addcmul_(r, sin)
+
+    def _attn_out(self, i, a, x):
+        op = self.blocks[i][4]
+        return x + F.linear(a, op.weight, op.bias)
+
+    def _mlp(self, i, x):
+        _, _, _, _, _, n2, gp, up, act, dp = self.blocks[i]
+        h = _rms(x, n2)
+        return x + F.linear(act(F.linear(h, gp.weight, gp.bias)) * F.linear(h, up.weight, up.bias),
+                            dp.weight, dp.bias)
+
+    def _final_norm(self, h):
+        return _rms(h, self.norm)
+
+
+def decoder(model, batch_size: int, max_len: int, *, fast: bool = True, static: bool = False,
+            attention: str = "auto") -> Decoder:
+    """A :class:`Decoder` for ``batch_size`` rows of at most ``max_len`` positions (context included): the fast
+    path when ``fast`` and :func:`fast_path_reason` finds none against it, else Hugging Face's forward.
+
+    ``static``: fixed shapes per step (see the module docstring). ``attention`` of a single query: "auto"
+    ("broadcast" on the CPU without autocast, "sdpa" elsewhere), "sdpa" or "broadcast" (the "slab" layout).
+    """
+    if fast and fast_path_reason(model) is None:
+        cls = _GPT2 if type(model).__name__ == "GPT2LMHeadModel" else _Llama
+        return cls(model, batch_size, max_len, static=static, attention=attention)
+    return _HFDecoder(model)

@@ -1,0 +1,219 @@
+"""The fast decoder (fdpg.decode) against Hugging Face's forward, and sampling through it against the generic path."""
+import pytest
+import torch
+
+import fdpg
+from fdpg.decode import decoder, fast_path_reason
+from fdpg.models import build_tiny, model_inputs, score_tokens
+from fdpg.sampling import left_pad, sample
+
+torch.set_num_threads(1)
+
+V = 23
+
+
+def tiny_llama(seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=1,
+               eos_token_id=0, pad_token_id=0)
+    cfg.update(kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+MODELS = {
+    "gpt2": lambda: build_tiny(V, n_layer=2, n_embd=32, n_head=4, seed=1, initializer_range=0.3),
+    "llama-gqa": lambda: tiny_llama(),
+    # head_dim * heads != hidden_size, biases, linear RoPE scaling
+    "llama-bias-rope": lambda: tiny_llama(seed=2, num_key_value_heads=4, head_dim=12, attention_bias=True,
+                                          mlp_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                          "rope_theta": 500.0}),
+}
+_cache = {}
+
+
+def get(name):
+    if name not in _cache:
+        _cache[name] = MODELS[name]()
+    return _cache[name]
+
+
+def contexts(kind, B):
+    """``(ids, mask)``: one BOS per row, or left-padded contexts of lengths 1..4 (every row a different length)."""
+    if kind == "bos":
+        return torch.full((B, 1), 1, dtype=torch.long), None
+    g = torch.Generator().manual_seed(B)
+    rows = [torch.randint(1, V, (1 + i % 4,), generator=g).tolist() for i in range(B)]
+    return left_pad(rows, pad_id=0)
+
+
+def hf_logits(model, ids, mask):
+    """Every position's logits from one full forward pass (no cache) over the left-padded rows."""
+    inp = model_inputs(ids[:, :0], None, ids) if mask is None else model_inputs(ids, mask, ids[:, :0])
+    return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
+                 use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("ctx", ["bos", "padded"])
+@pytest.mark.parametrize("mode", [dict(), dict(attention="sdpa"), dict(static=True)])
+def test_step_logits_equal_a_full_forward(name, ctx, mode):
+    model, B, T = get(name), 6, 5
+    ids, mask = contexts(ctx, B)
+    P = ids.shape[1]
+    dec = decoder(model, B, P + T, **mode)
+    assert dec.fast
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = [dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)]
+        full_mask = None if mask is None else torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1)
+        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
+    got = torch.stack(got, 1)
+    assert got.dtype == torch.float32 and got.shape == (B, T + 1, V)
+    assert want.abs().max() > 1                                   # peaky enough that a wrong mask would show
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("ctx", ["bos", "padded"])
+def test_sampling_equals_the_generic_path_and_rescoring(name, ctx):
+    model, B, T = get(name), 48, 7
+    ids, mask = contexts(ctx, B)
+    kw = dict(eos_token_id=0, context_ids=ids, context_mask=mask, context_index=torch.arange(B))
+    fast = sample(model, B, T, generator=torch.Generator().manual_seed(9), **kw)
+    slow = sample(model, B, T, generator=torch.Generator().manual_seed(9), fast=False, **kw)
+    assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.mask, slow.mask)
+    torch.testing.assert_close(fast.token_logprob, slow.token_logprob, atol=1e-5, rtol=0)
+    n = fast.mask.sum(1)
+    assert bool((n < T).any()) and bool((n > 1).any())            # EOS ended some rows, not all at once
+    assert bool((fast.tokens[~fast.mask] == 0).all()) and bool((fast.token_logprob[~fast.mask] == 0).all())
+    # log q of the sampling pass = an independent full-forward scoring of the drawn sequences
+    inp = model_inputs(fast.context_ids, fast.context_mask, fast.tokens)
+    with torch.no_grad():
+        lp, _ = score_tokens(model, None, inp, fast.tokens, fused=False, with_prior=False, policy_grad=False)
+    torch.testing.assert_close(fast.logprob, fdpg.sequence_logprobs(lp, fast.mask), atol=1e-5, rtol=0)
+    assert torch.equal(fast.context_index, torch.arange(B))
+
+
+def test_reproducible_and_no_eos():
+    model = get("gpt2")
+    a = sample(model, 16, 6, eos_token_id=None, generator=torch.Generator().manual_seed(3))
+    b = sample(model, 16, 6, eos_token_id=None, generator=torch.Generator().manual_seed(3))
+    assert a.tokens.shape == (16, 6) and bool(a.mask.all())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.token_logprob, b.token_logprob)
+    one = sample(model, 16, 1, eos_token_id=0, generator=torch.Generator().manual_seed(3))
+    assert one.tokens.shape == (16, 1) and bool(one.mask.all())
+
+
+def test_reads_the_live_weights():
+    """No copies: an in-place update of the model (an optimizer step) is seen by an existing decoder."""
+    model = build_tiny(V, n_layer=1, n_embd=16, n_head=2, seed=4, initializer_range=0.3)
+    ids = torch.full((3, 1), 1, dtype=torch.long)
+    dec = decoder(model, 3, 4)
+    before = dec.prefill(ids, None)                            # outside no_grad: the decoder needs no autograd
+    assert not before.requires_grad and not dec.step(ids[:, 0]).requires_grad
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2)
+        after = dec.prefill(ids, None)
+        want = hf_logits(model, ids, None)[:, -1]
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=0)
+
+
+def test_dropout_follows_the_model_mode():
+    model = build_tiny(V, n_layer=2, n_embd=32, n_head=4, seed=1, initializer_range=0.3, dropout=0.3)
+    assert fast_path_reason(model) is None                     # eval mode: dropout is off, the fast path runs
+    a = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(2))
+    b = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(2), fast=False)
+    assert torch.equal(a.tokens, b.tokens)
+    model.train()                                               # train mode with dropout: the model's own forward
+    try:
+        assert "dropout" in fast_path_reason(model)
+        assert not decoder(model, 2, 4).fast
+        torch.manual_seed(0)
+        c = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(0)
+        d = sample(model, 32, 5, eos_token_id=0, generator=torch.Generator().manual_seed(2), fast=False)
+        assert torch.equal(c.tokens, d.tokens) and torch.equal(c.logprob, d.logprob)
+    finally:
+        model.eval()
+    plain = build_tiny(V, n_layer=1, n_embd=16, n_head=2, seed=1).train()
+    assert fast_path_reason(plain) is None                     # train mode without dropout: the same function
+
+
+def test_other_models_take_the_generic_path():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=64, eos_token_id=0,
+                                            bos_token_id=1, initializer_range=0.3)).eval()
+    assert "GPTNeoXForCausalLM" in fast_path_reason(neox) and not decoder(neox, 2, 4).fast
+    s = sample(neox, 16, 4, eos_token_id=0, generator=torch.Generator().manual_seed(0))
+    assert s.tokens.shape[0] == 16
+    hooked = build_tiny(V, n_layer=1, n_embd=16, n_head=2, seed=1)
+    h = hooked.transformer.h[0].register_forward_hook(lambda *a: None)
+    try:
+        assert "hooks" in fast_path_reason(hooked)
+    finally:
+        h.remove()
+    assert fast_path_reason(hooked) is None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_autocast_bf16(name):
+    """Under autocast the fast path runs the same ops in bf16 as the model's forward (close to rounding)."""
+    model, B, T = get(name), 6, 4
+    ids, mask = contexts("padded", B)
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = decoder(model, B, P + T)
+        got = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1)
+        full_mask = torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1)
+        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
+    with torch.no_grad():
+        ref = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
+    assert got.dtype == want.dtype == torch.bfloat16
+    err, bf16_err = (got.float() - want.float()).abs().max(), (want.float() - ref).abs().max()
+    assert 0 < bf16_err < 0.1 * ref.abs().max() and err <= 2 * bf16_err, (err, bf16_err)
+    s = sample(model, B, T, eos_token_id=0, context_ids=ids, context_mask=mask, autocast_dtype=torch.bfloat16,
+               generator=torch.Generator().manual_seed(1))
+    assert s.token_logprob.dtype == torch.float32 and bool(torch.isfinite(s.logprob).all())
+
+
+def test_bf16_weights():
+    """bf16 weights on the CPU take the SDPA layout and stay within bf16 rounding of the model's forward."""
+    model = build_tiny(V, n_layer=2, n_embd=32, n_head=4, seed=1, initializer_range=0.3).to(torch.bfloat16)
+    ids, mask = contexts("padded", 6)
+    toks = torch.randint(1, V, (6, 3), generator=torch.Generator().manual_seed(5))
+    dec = decoder(model, 6, ids.shape[1] + 3)
+    with torch.no_grad():
+        got = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(3)], 1).float()
+        want = hf_logits(model, torch.cat([ids, toks], 1), torch.cat([mask, torch.ones_like(toks, dtype=torch.bool)],
+                                                                      1))[:, ids.shape[1] - 1:].float()
+    assert not dec.slab and dec.k.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+def test_bad_inputs():
+    model = get("gpt2")
+    dec = decoder(model, 4, 3)
+    with pytest.raises(ValueError, match="context_ids"):
+        dec.prefill(torch.ones(5, 1, dtype=torch.long), None)
+    with torch.no_grad():
+        dec.prefill(torch.ones(4, 2, dtype=torch.long), None)
+        dec.step(torch.ones(4, dtype=torch.long))
+        with pytest.raises(ValueError, match="full"):
+            dec.step(torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention"):
+        decoder(model, 4, 3, attention="flash")
+    with pytest.raises(ValueError, match="max_length"):
+        sample(model, 4, 0, eos_token_id=0)
+    short = build_tiny(V, n_layer=1, n_embd=16, n_head=2, n_positions=6)
+    with pytest.raises(ValueError, match="n_positions"):
+        sample(short, 4, 6, eos_token_id=None, context_ids=torch.ones(4, 2, dtype=torch.long))
+    assert sample(short, 4, 4, eos_token_id=None, context_ids=torch.ones(4, 2, dtype=torch.long)).tokens.shape == (4, 4)
