@@ -35,7 +35,7 @@ class Divergence:
     """An f-divergence given by its generator ``f`` as a function of ``s = log t``.
 
     ``f_prime`` (derivative with respect to ``t``, as a function of ``s``) may be omitted: it is then
-    ``exp(-s) * d f / d s`` from autograd. The built-ins also carry ``exp_terms`` and ``rest``: ``f'(s) =
+    ``exp(-s) * d f / d s`` from autograd (or the built-ins' closed form); ``f_prime`` is callable either way. The built-ins also carry ``exp_terms`` and ``rest``: ``f'(s) =
     sum_k c_k exp(a_k s) + rest(s)`` with ``rest`` growing at most linearly, which lets the coefficient op fold
     the importance weight into every exponential (see :meth:`weighted_f_prime`).
     """
@@ -49,16 +49,21 @@ class Divergence:
     bounded_at_inf: bool | None = None
     params: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.f_prime is None:  # always callable: derived from the closed form or from autograd of f
+            object.__setattr__(self, "f_prime", _FromF(self))
+
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         return self.f(s)
 
+    @property
+    def explicit_f_prime(self) -> Fn | None:
+        """The ``f_prime`` given by the caller, or None where it is derived from ``f``."""
+        return None if isinstance(self.f_prime, _FromF) else self.f_prime
+
     def fprime(self, s: torch.Tensor) -> torch.Tensor:
-        """``f'(t)`` at ``s = log t``."""
-        if self.f_prime is not None:
-            return self.f_prime(s)
-        if self.exp_terms or self.rest is not None:
-            return self.weighted_f_prime(s, torch.zeros_like(s))
-        return _autograd_f_prime(self.f, s)
+        """``f'(t)`` at ``s = log t`` (the same as ``f_prime(s)``)."""
+        return self.f_prime(s)
 
     def weighted_f_prime(self, s: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
         """``exp(log_w) * f'(t)`` at ``s = log t``, with ``exp(log_w)`` folded into every exponential."""
@@ -68,7 +73,7 @@ class Divergence:
             for c, a in self.exp_terms:
                 out = out + c * torch.exp(torch.where(dead, log_w, a * s + log_w))
             return out
-        if self.f_prime is not None:
+        if self.explicit_f_prime is not None:
             return torch.exp(log_w) * self.f_prime(s)
         # exp(log_w) * exp(-s) * df/ds, the two exponentials combined.
         return torch.exp(log_w - s) * _autograd_df_ds(self.f, s)
@@ -80,6 +85,24 @@ class Divergence:
         with torch.enable_grad():
             v = self.fprime(torch.tensor([1e4, float("inf")], dtype=torch.float64))
         return bool(torch.isfinite(v).all())
+
+
+class _FromF:
+    """``f'(t)`` of a divergence given without one: the built-ins' closed form, else ``exp(-s) df/ds`` by autograd."""
+
+    __slots__ = ("div",)
+
+    def __init__(self, div: "Divergence"):
+        self.div = div
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        d = self.div
+        if d.exp_terms or d.rest is not None:
+            return d.weighted_f_prime(s, torch.zeros_like(s))
+        return _autograd_f_prime(d.f, s)
+
+    def __repr__(self) -> str:
+        return "<f' derived from f>"
 
 
 def _mul0(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

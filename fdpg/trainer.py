@@ -567,6 +567,11 @@ class Trainer:
         rec = {"step": self.step, "samples": self.samples_seen}
         rec.update(self.evaluate())
         rec.update(self._window_metrics())
+        loss = rec.get("loss", rec.get("td_loss"))
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: the loss is {loss} at step {self.step} (the last checkpoint "
+                                     f"is intact); lower lr, set grad_clip, or run with FDPG_VALIDATE=1 to find the "
+                                     f"first non-finite input")
         self._elapsed += self._win["time"] + (time.perf_counter() - t0)
         rec["time"] = self._elapsed
         rec = {k: _finite_or_none(v) for k, v in rec.items()}
@@ -662,10 +667,12 @@ class Trainer:
                 self.dist.save_pretrained(self.policy, tmp, full)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            final = self.out / "policy"
-            if final.exists():
-                shutil.rmtree(final)
+            final, old = self.out / "policy", self.out / f".policy.old-{os.getpid()}"
+            if final.exists():  # move the previous policy aside, never delete it before the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------------------ checkpoints

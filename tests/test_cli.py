@@ -93,8 +93,10 @@ EXAMPLES = sorted((os.path.dirname(os.path.dirname(os.path.abspath(__file__))) +
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_examples_parse_and_tiny_ones_run(tmp_path, path):
+def test_examples_parse_and_tiny_ones_run(tmp_path, path, monkeypatch):
     from fdpg.config import load_config
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(path)))  # the examples' paths are relative to the repo root
 
     cfg = load_config(path)
     if cfg.prior.tiny is None:

@@ -130,6 +130,9 @@ def test_bad_inputs(gen):
     bad(ValueError, "policy_logprob: contains NaN", lpi.clone().fill_(math.nan), lq, lP)
     bad(ValueError, r"target_logscore: contains \+inf", lpi, lq, lP.clone().fill_(math.inf))
     bad(ValueError, "proposal_logprob: contains -inf", lpi, lq.clone().fill_(-math.inf), lP)
+    bad(ValueError, "policy_logprob: every sample has pi", lpi.clone().fill_(-math.inf), lq, lP, "js")
+    with pytest.raises(ValueError, match="policy_logprob: every sample has pi"):
+        fdpg.divergence_estimates(lpi.clone().fill_(-math.inf), lq, lP)
     bad(ValueError, "target_logscore: every sample has P", lpi, lq, lP.clone().fill_(-math.inf))
     for div in ("reverse_kl", "chi2", "alpha:2", "alpha:1.5"):
         lP0 = lP.clone()

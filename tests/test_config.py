@@ -223,3 +223,14 @@ def test_other_model_checks(tmp_path):
     assert e.key == "max_length"
     e = trainer_error(tmp_path, prior={"tiny": {"vocab_size": 6, "n_embd": 16, "n_head": 3}})
     assert e.key == "prior.tiny.n_head"
+
+
+def test_integers_written_in_scientific_notation():
+    import yaml
+
+    from fdpg.config import from_dict
+
+    cfg = from_dict(yaml.safe_load("prior: {tiny: {vocab_size: 6}}\neval: {max_space: 1e6, n_samples: 1e3}"))
+    assert cfg.eval.max_space == 1_000_000 and cfg.eval.n_samples == 1000
+    with pytest.raises(ConfigError, match="eval.n_samples"):
+        from_dict(yaml.safe_load("prior: {tiny: {vocab_size: 6}}\neval: {n_samples: 2.5e0}"))

@@ -25,6 +25,14 @@ def test_f_prime_matches_autograd_of_f(name, gen):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_f_prime_is_callable_on_every_divergence(name, gen):
+    d = divergences.get(name)
+    s = torch.randn(50, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(d.f_prime(s), d.fprime(s))
+    torch.testing.assert_close(d.f_prime(s), autograd_f_prime(d.f, s), rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_generator_is_zero_at_one_and_convex(name, gen):
     d = divergences.get(name)
     assert d.f(torch.zeros(1, dtype=torch.float64)).abs().item() < 1e-15

@@ -287,3 +287,15 @@ def test_resume_without_checkpoint_starts_afresh(tmp_path):
     msgs = []
     m = metrics(train(config(tmp_path, steps=2, eval={"exact": True, "every": 2}), resume=True, log=msgs.append))
     assert [r["step"] for r in m] == [0, 2] and any("no checkpoint" in s for s in msgs)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    tr = Trainer(from_dict(config(tmp_path, steps=4)), log=quiet)
+    tr.train_step()
+    ckpt = tr.save_checkpoint()
+    with torch.no_grad():
+        next(tr.policy.parameters()).fill_(math.nan)
+    tr.train_step()
+    with pytest.raises(FloatingPointError, match="training diverged: the loss is nan at step 2"):
+        tr.record()
+    assert ckpt.exists() and (ckpt / "trainer.pt").exists()

@@ -67,7 +67,7 @@ def divergence_spec(div: Divergence) -> tuple[float, ...] | None:
     else:
         return None
     same = (div.exp_terms == ref.exp_terms and div.params == ref.params and div.bounded_at_inf == ref.bounded_at_inf
-            and all(_code(getattr(div, k)) is _code(getattr(ref, k)) for k in ("f", "f_prime", "rest")))
+            and all(_code(getattr(div, k)) is _code(getattr(ref, k)) for k in ("f", "explicit_f_prime", "rest")))
     return spec if same else None
 
 
@@ -149,6 +149,9 @@ def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logpr
         C.no_nan(k, v)
         if bool((v == math.inf).any()):
             raise ValueError(f"{k}: contains +inf; log-probabilities and log-scores must be < +inf")
+    if bool((policy_logprob == -math.inf).all()):
+        raise ValueError("policy_logprob: every sample has pi(x) = 0 (log pi = -inf), so the importance weights "
+                         "pi/q cannot be normalised; expected at least one finite log-probability")
     if bool((proposal_logprob == -math.inf).any()):
         raise ValueError("proposal_logprob: contains -inf, i.e. q(x) = 0 for a sample said to be drawn from q")
     if bool((target_logscore == -math.inf).all()):
