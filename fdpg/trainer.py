@@ -46,6 +46,9 @@ from .targets import SeqBatch, Target, TargetScores, build_target, fit_lambdas
 
 __all__ = ["Trainer", "train", "Scored", "TIMING_KEYS"]
 
+# Keys that a resumed run may change: how it is run and observed, not what it trains.
+_RESUME_MAY_CHANGE = frozenset({"eval", "checkpoint_every", "keep_checkpoints", "threads", "device", "distributed"})
+
 # Metrics that measure the machine, not the run: they differ between otherwise identical runs.
 TIMING_KEYS = ("samples_per_s", "tokens_per_s", "time")
 
@@ -766,6 +769,11 @@ class Trainer:
         old = st.get("config", {})
         diff = [k for k, v in to_dict(self.cfg).items() if k not in ("steps", "progress", "output_dir")
                 and old.get(k) != v]
+        changed = [k for k in diff if k not in _RESUME_MAY_CHANGE]
+        if changed:
+            raise ConfigError(changed[0], f"differs from the checkpoint's ({old.get(changed[0])!r}) in {ckpt}; "
+                                          f"a resumed run must train the same problem (changed: {', '.join(changed)}); "
+                                          f"only {', '.join(sorted(_RESUME_MAY_CHANGE))} and steps may change")
         if diff:
             self.log(f"resume: the configuration differs from the checkpoint's in {', '.join(diff)}")
         with quiet():

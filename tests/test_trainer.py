@@ -299,3 +299,13 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="training diverged: the loss is nan at step 2"):
         tr.record()
     assert ckpt.exists() and (ckpt / "trainer.pt").exists()
+
+
+def test_resume_refuses_a_different_problem(tmp_path):
+    cfg = config(tmp_path, steps=2, checkpoint_every=2)
+    train(cfg, log=quiet)
+    with pytest.raises(ConfigError, match="divergence: differs from the checkpoint's"):
+        train({**cfg, "steps": 4, "divergence": "js"}, resume=True, log=quiet)
+    # how the run is observed may change
+    run = train({**cfg, "steps": 4, "eval": {"exact": True, "every": 1}}, resume=True, log=quiet)
+    assert metrics(run)[-1]["step"] == 4
