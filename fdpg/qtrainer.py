@@ -132,28 +132,10 @@ class QTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ batches
 
-    def _batch_indices(self, n: int) -> torch.Tensor:
-        """The next ``n`` rows of the shuffled offline stream (reshuffled at each epoch; checkpointed state)."""
-        data, parts, need = self.offline, [], n
-        while need:
-            if self.offline_pos == len(data):
-                self.offline_perm = torch.randperm(len(data), generator=self.data_gen)
-                self.offline_pos = 0
-            take = min(need, len(data) - self.offline_pos)
-            parts.append(self.offline_perm[self.offline_pos:self.offline_pos + take])
-            self.offline_pos += take
-            need -= take
-        return torch.cat(parts)
-
     def next_batch(self) -> tuple[Samples, torch.Tensor]:
         """The next batch of the fixed set: ``(Samples, rewards [B] float32)``."""
-        idx = self._batch_indices(self.cfg.batch_size)
-        data, dev = self.offline, self.device
-        ids, mask, cidx = self._contexts_of(data.context_index[idx])
-        tokens = data.tokens[idx].to(dev)
-        s = Samples(tokens=tokens, mask=data.mask[idx].to(dev), token_logprob=torch.zeros(tokens.shape, device=dev),
-                    logprob=data.logprob[idx].to(dev), context_ids=ids, context_mask=mask, context_index=cidx)
-        return s, self.rewards[idx].to(dev)
+        idx = self._offline_indices(self.cfg.batch_size)
+        return self._offline_samples(idx), self.rewards[idx].to(self.device)
 
     # ------------------------------------------------------------------------------------------ the TD step
 

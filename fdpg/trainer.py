@@ -297,8 +297,9 @@ class Trainer:
                       stop_check_every=(self.cfg.max_length if self.dist.strategy == "fsdp"
                                         else 1 if self.device.type == "cpu" else 16))
 
-    def _offline_batch(self, n: int) -> Samples:
-        data, parts, need = self.offline, [], n * self.dist.world   # the global batch; this rank keeps its slice
+    def _offline_indices(self, n: int) -> torch.Tensor:
+        """The next ``n`` rows of the shuffled offline stream (reshuffled at each epoch; checkpointed state)."""
+        data, parts, need = self.offline, [], n
         while need:
             if self.offline_pos == len(data):
                 self.offline_perm = torch.randperm(len(data), generator=self.data_gen)
@@ -307,12 +308,19 @@ class Trainer:
             parts.append(self.offline_perm[self.offline_pos:self.offline_pos + take])
             self.offline_pos += take
             need -= take
-        idx = self.dist.local(torch.cat(parts))
+        return torch.cat(parts)
+
+    def _offline_samples(self, idx: torch.Tensor) -> Samples:
+        """Rows ``idx`` of the offline set as :class:`Samples` on the trainer's device (log q from the file)."""
+        data, dev = self.offline, self.device
         ids, mask, cidx = self._contexts_of(data.context_index[idx])
-        dev = self.device
         tokens = data.tokens[idx].to(dev)
         return Samples(tokens=tokens, mask=data.mask[idx].to(dev), token_logprob=torch.zeros(tokens.shape, device=dev),
                        logprob=data.logprob[idx].to(dev), context_ids=ids, context_mask=mask, context_index=cidx)
+
+    def _offline_batch(self, n: int) -> Samples:
+        # the global batch is drawn from the shared stream; this rank keeps its slice
+        return self._offline_samples(self.dist.local(self._offline_indices(n * self.dist.world)))
 
     def next_batch(self) -> Samples:
         """The next training batch from q (policy, proposal snapshot, or the offline set)."""
