@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 
 import torch
+
+from _timing import bench  # noqa: E402  (benchmarks/ is the script directory)
 
 import fdpg
 
@@ -134,22 +135,6 @@ def inputs(N, d, V, dtype, device, seed=0):
     y = torch.randint(0, V, (N,), generator=gen, device=device)
     g = torch.randn(N, generator=gen, device=device)
     return h, W, hp, Wp, y, g
-
-
-def bench(fn, device, warmup=3, rep=10) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup * 10, rep=rep * 50, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(rep):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def matmul_rate(device, dtype) -> float:

@@ -26,37 +26,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+
+from _timing import bench  # noqa: E402  (benchmarks/ is the script directory)
 
 import fdpg
 
 
 # ---- timing and ceilings -------------------------------------------------------------------------------------
-
-def bench(fn, device, warmup=3, rep=20) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(rep):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-    else:
-        ts = []
-        for _ in range(rep):
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
-
 
 def copy_bandwidth(device, nbytes: int) -> float:
     """Device-to-device copy rate in GB/s, counting bytes read and written."""

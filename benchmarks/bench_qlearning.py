@@ -25,34 +25,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
+
+from _timing import bench  # noqa: E402  (benchmarks/ is the script directory)
 
 import fdpg
 from fdpg.config import from_dict
 from fdpg.models import _logits, model_inputs
 from fdpg.qlearning import reference_td_loss
-
-
-def bench(fn, device, warmup=3, rep=20) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(rep):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def peak_bytes(fn, device) -> int:
