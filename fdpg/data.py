@@ -49,6 +49,20 @@ def _bad(path, line, msg, key) -> ConfigError:
     return ConfigError(key, f"{where}: {msg}")
 
 
+def _jsonl_rows(lines, path, key, what: str = "a JSON object"):
+    """``(line number, object)`` for each non-blank line of a JSONL file; a bad line raises naming file and line."""
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _bad(path, i, f"not valid JSON: {e}", key) from None
+        if not isinstance(row, dict):
+            raise _bad(path, i, f"expected {what}", key)
+        yield i, row
+
+
 def _check_tokens(toks, path, line, key, vocab_size, max_length, eos):
     if not isinstance(toks, list) or not toks or not all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in toks):
@@ -83,15 +97,7 @@ def load_offline(path: str, *, vocab_size: int, max_length: int, eos_token_id: i
         return _load_tensor_file(path, vocab_size, max_length, eos_token_id, bos_token_id, key)
     seqs, lps, rewards, ctx_of, contexts = [], [], [], [], {}
     with open(path) as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise _bad(path, i, f"not valid JSON: {e}", key) from None
-            if not isinstance(row, dict):
-                raise _bad(path, i, "expected a JSON object", key)
+        for i, row in _jsonl_rows(f, path, key):
             if "tokens" not in row:
                 raise _bad(path, i, "missing 'tokens'", key)
             _check_tokens(row["tokens"], path, i, key, vocab_size, max_length, eos_token_id)
@@ -170,15 +176,10 @@ def load_prompts(spec, *, tokenizer, vocab_size: int, key: str = "prompts") -> l
             lines = f.read().splitlines()
         if spec.endswith(".jsonl"):
             items = []
-            for i, raw in enumerate(lines, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise _bad(spec, i, f"not valid JSON: {e}", key) from None
-                if not isinstance(row, dict) or ("tokens" not in row and "text" not in row):
-                    raise _bad(spec, i, "expected an object with 'tokens' or 'text'", key)
+            what = "an object with 'tokens' or 'text'"
+            for i, row in _jsonl_rows(lines, spec, key, what):
+                if "tokens" not in row and "text" not in row:
+                    raise _bad(spec, i, f"expected {what}", key)
                 items.append(row.get("tokens", row.get("text")))
         else:
             items = [ln for ln in lines if ln.strip()]

@@ -221,15 +221,8 @@ class QTrainer(Trainer):
             w["q"] += terms.q_mean
             w["tokens"] += s.mask.sum()
             w["batches"] += 1
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer_step()
         self.update_target()
-        self.step += 1
-        self.samples_seen += cfg.batch_size * cfg.grad_accum
-        self._win["samples"] += cfg.batch_size * cfg.grad_accum
         self._win["time"] += time.perf_counter() - t0
 
     @torch.no_grad()

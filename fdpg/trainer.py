@@ -415,17 +415,23 @@ class Trainer:
             w["ess"] += coef.ess.detach().float()
             w["tokens"] += s.mask.sum()
             w["batches"] += 1
+        self._optimizer_step()
+        if self.proposal is not None and self.step % cfg.proposal.every == 0:
+            self._update_proposal()
+        self._win["time"] += time.perf_counter() - t0
+
+    def _optimizer_step(self) -> None:
+        """Clip, AdamW and LR-schedule steps on the accumulated gradients; count the step and its samples."""
+        cfg = self.cfg
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.samples_seen += cfg.batch_size * cfg.grad_accum * self.dist.world
-        self._win["samples"] += cfg.batch_size * cfg.grad_accum * self.dist.world
-        if self.proposal is not None and self.step % cfg.proposal.every == 0:
-            self._update_proposal()
-        self._win["time"] += time.perf_counter() - t0
+        n = cfg.batch_size * cfg.grad_accum * self.dist.world
+        self.samples_seen += n
+        self._win["samples"] += n
 
     @torch.no_grad()
     def _update_proposal(self) -> None:

@@ -178,6 +178,20 @@ def _triton_layer(hidden, weight, bias, targets, tau, eps, grad: bool):
     return lp.reshape(lead), lse.reshape(lead), mx.reshape(lead)
 
 
+def _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, return_lse, grad: bool):
+    """``(lp, lse, max)`` of one output layer on the chosen backend (``lse``/``max`` None under the torch backend
+    unless ``return_lse``); ``grad=False`` is the prior's forward-only pass."""
+    if _use_triton(backend, hidden.device, hidden, weight, bias):
+        return _triton_layer(hidden, weight, bias, targets, tau, eps if grad else 0.0, grad=grad)
+    if not grad:
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+    lp = reference.linear_token_logprobs(hidden, weight, targets, bias, tau, chunk_size)
+    lse = mx = None
+    if return_lse:
+        lse, mx = _torch_lse_max(hidden, weight, bias, targets, lp, tau, chunk_size)
+    return lp, lse, mx
+
+
 def _torch_lse_max(hidden, weight, bias, targets, lp, tau, chunk_size):
     """Torch backend: ``lse = x[y] - lp`` (differentiable, O(N d) memory) and ``max(x)`` by chunks without grad."""
     acc = lp.dtype
@@ -225,13 +239,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     check = C.should_validate(validate, hidden)
     if check:
         C.target_range(targets, V, "weight.shape[0]")
-    if _use_triton(backend, hidden.device, hidden, weight, bias):
-        lp, lse, mx = _triton_layer(hidden, weight, bias, targets, tau, eps, grad=True)
-    else:
-        lp = reference.linear_token_logprobs(hidden, weight, targets, bias, tau, chunk_size)
-        lse = mx = None
-        if return_lse:
-            lse, mx = _torch_lse_max(hidden, weight, bias, targets, lp, tau, chunk_size)
+    lp, lse, mx = _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, return_lse, grad=True)
     if check:
         C.no_nan("hidden/weight", lp, " in the logits they produce (NaN or inf among the inputs)")
     return LinearLogprobs(lp, lse, mx) if return_lse else lp
@@ -260,25 +268,11 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, p
     check = C.should_validate(validate, policy_hidden)
     if check:
         C.target_range(targets, V, "weight.shape[0]")
-    dev = policy_hidden.device
-    if _use_triton(backend, dev, policy_hidden, policy_weight, policy_bias):
-        lp, lse, mx = _triton_layer(policy_hidden, policy_weight, policy_bias, targets, tau, eps, grad=True)
-    else:
-        lp = reference.linear_token_logprobs(policy_hidden, policy_weight, targets, policy_bias, tau, chunk_size)
-        lse = mx = None
-        if return_lse:
-            lse, mx = _torch_lse_max(policy_hidden, policy_weight, policy_bias, targets, lp, tau, chunk_size)
+    lp, lse, mx = _layer(policy_hidden, policy_weight, policy_bias, targets, tau, eps, backend, chunk_size,
+                         return_lse, grad=True)
     with torch.no_grad():
-        if _use_triton(backend, dev, prior_hidden, prior_weight, prior_bias):
-            plp, plse, pmx = _triton_layer(prior_hidden, prior_weight, prior_bias, targets, tau, 0.0, grad=False)
-        else:
-            pb = None if prior_bias is None else prior_bias.detach()
-            plp = reference.linear_token_logprobs(prior_hidden.detach(), prior_weight.detach(), targets, pb, tau,
-                                                  chunk_size)
-            plse = pmx = None
-            if return_lse:
-                plse, pmx = _torch_lse_max(prior_hidden.detach(), prior_weight.detach(), targets=targets, bias=pb,
-                                           lp=plp, tau=tau, chunk_size=chunk_size)
+        plp, plse, pmx = _layer(prior_hidden, prior_weight, prior_bias, targets, tau, eps, backend, chunk_size,
+                                return_lse, grad=False)
     if check:
         C.no_nan("policy_hidden/policy_weight", lp, " in the logits they produce")
         C.no_nan("prior_hidden/prior_weight", plp, " in the logits they produce")
