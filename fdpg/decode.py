@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decoder", "fast_path_reason", "Decoder"]
+__all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
+
+_BMM_MAX_LEN = 512          # CPU attention by batched GEMMs up to this many positions (the scores are [B, H, s, s])
 
 
 def _exact(module, *names) -> bool:
@@ -112,6 +114,10 @@ class Decoder:
     """
 
     fast = False
+    can_replay = False      # see _FastDecoder.replay_logits
+
+    def seal(self) -> None:
+        """The sampling pass is over (see :meth:`_FastDecoder.seal`)."""
 
     def prefill(self, context_ids: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -166,34 +172,41 @@ class _FastDecoder(Decoder):
 
     fast = True
 
-    def __init__(self, model, batch_size: int, max_len: int, *, static: bool = False, attention: str = "auto"):
+    def __init__(self, model, batch_size: int, max_len: int, *, static: bool = False, attention: str = "auto",
+                 record: bool = False):
         if attention not in ("auto", "sdpa", "broadcast"):
             raise ValueError(f"attention: expected 'auto', 'sdpa' or 'broadcast', got {attention!r}")
         if static and attention == "broadcast":
             raise ValueError("attention: 'broadcast' attends to the filled prefix; static=True needs 'sdpa'")
-        self.model, self.B, self.S, self.static = model, batch_size, max_len, static
+        self.model, self.B, self.S, self.static, self.attention = model, batch_size, max_len, static, attention
         w = model.get_output_embeddings()
         self.head_w, self.head_b = w.weight, w.bias
         self.dev, self.wdtype = w.weight.device, w.weight.dtype
-        # the slab: asked for, or on the CPU in float32 (in bf16/fp16 its products would round before the sums)
+        # the slab: asked for, or on the CPU in float32/64 (in bf16/fp16 its products would round before the sums)
         self.want_slab = attention == "broadcast" or (attention == "auto" and self.dev.type == "cpu" and not static
-                                                      and self.wdtype == torch.float32)
+                                                      and self.wdtype in (torch.float32, torch.float64))
         self.slab = False           # decided at prefill (not under autocast: out= GEMMs keep the weights' dtype)
         self.k = self.v = self.kv = None
         self.n = 0                  # filled positions
         self.valid = None           # [B, S] bool: which slots hold real tokens (None: all of them)
         self.pos = None             # [B, S] long: the position of every slot of every row
+        self._bias_cache = None     # the additive attention mask of the pass over every position
+        self.record = record        # keep every GEMM's output for replay_logits (the slab path of families that can)
+        self.recording = False      # decided at prefill
 
     # ---- cache and attention ----------------------------------------------------------------------------------
 
-    def _store(self, i: int, k, v):
-        """Write the prefill's ``k, v [B, P, Hkv, hd]`` at slots ``0..P-1`` of layer ``i``."""
+    def _store(self, i: int, q, k, v):
+        """Write the prefill's ``k, v [B, P, Hkv, hd]`` (and, recording, ``q [B, P, H, hd]``) at slots
+        ``0..P-1`` of layer ``i``."""
         B, P, Hkv, hd = k.shape
         if self.slab:
             if self.kv is None:
                 self._alloc_slab()
             self._k5[i][:P, :, 0].copy_(k.permute(1, 2, 3, 0))
             self._v5[i][:P, :, 0].copy_(v.permute(1, 2, 3, 0))
+            if self.recording:
+                self._slots[i][:P, :self.D].copy_(q.reshape(B, P, self.D).permute(1, 2, 0))
             return
         if self.k is None:  # the dtype of k: the weights', or autocast's
             new = torch.zeros if self.static else torch.empty   # static attention reads (masked) unfilled slots
@@ -215,17 +228,50 @@ class _FastDecoder(Decoder):
         self._ws = torch.empty(S, Hkv, G, hd, B, dtype=self.wdtype, device=self.dev)
         o = torch.empty(D, B, dtype=self.wdtype, device=self.dev)
         self._o5, self._o_t = o.view(Hkv, G, hd, B), o.t()       # the attention output, and as [B, D]
+        if self.recording:   # [S, B, width] per recorded GEMM and layer, the logits, the ids fed at every slot
+            self._rec = {name: torch.empty(L, S, B, width, dtype=self.wdtype, device=self.dev)
+                         for name, width in self._recorded_gemms().items()}
+            self._rec_logits = torch.empty(S, B, self.head_w.shape[0], dtype=self.wdtype, device=self.dev)
+            self._rec_ids = torch.empty(S, B, dtype=torch.long, device=self.dev)
 
     def _attend_prefill(self, i: int, q, k, v):
         """Causal attention of the contexts ``q [B, P, H, hd]``, ``k, v [B, P, Hkv, hd]`` (stored for the steps).
         Returns ``[B * P, H * hd]``."""
-        self._store(i, k, v)
-        B, P, H, hd = q.shape
+        self._store(i, q, k, v)
+        return self._attend_all(i, q, k, v)
+
+    def _attend_all(self, i: int, q, k, v):
+        """Causal attention of every position of ``q [B, s, H, hd]`` over ``k, v [B, s, Hkv, hd]`` under the
+        padding mask -> ``[B * s, H * hd]``. Batched GEMMs with an additive mask on the CPU at up to
+        ``_BMM_MAX_LEN`` positions (SDPA's CPU kernel loops over (row, head) blocks: 2-3x slower forward and
+        backward there), ``scaled_dot_product_attention`` elsewhere."""
+        B, s, H, hd = q.shape
+        if self.dev.type == "cpu" and self.attention != "sdpa" and s <= _BMM_MAX_LEN:
+            Hkv = self.n_kv
+            G = H // Hkv
+            # queries of one KV head together: [B * Hkv, G * s, hd] against keys [B * Hkv, s, hd]
+            qg = q.view(B, s, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * s, hd)
+            kg = k.transpose(1, 2).reshape(B * Hkv, s, hd)
+            vg = v.transpose(1, 2).reshape(B * Hkv, s, hd)
+            sc = torch.baddbmm(self._bias_all(B, s, q.dtype).expand(B, Hkv, G, s, s).reshape(B * Hkv, G * s, s),
+                               qg, kg.transpose(1, 2), alpha=self.scales[i])
+            p = torch.softmax(sc, -1, dtype=torch.promote_types(sc.dtype, torch.float32)).to(vg.dtype)
+            o = torch.bmm(p, vg).view(B, Hkv, G, s, hd)
+            return o.permute(0, 3, 1, 2, 4).reshape(B * s, H * hd)
         gqa = {"enable_gqa": True} if self.n_kv != H else {}
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=self._mask, is_causal=self._mask is None and P > 1,
+                                           attn_mask=self._mask, is_causal=self._mask is None and s > 1,
                                            scale=self.scales[i], **gqa)
-        return o.transpose(1, 2).reshape(B * P, H * hd)
+        return o.transpose(1, 2).reshape(B * s, H * hd)
+
+    def _bias_all(self, B: int, s: int, dtype):
+        """The additive form of the causal and padding mask, ``[B or 1, 1, 1, s, s]`` (made once per pass)."""
+        if self._bias_cache is None:
+            allowed = self._mask if self._mask is not None else torch.ones(s, s, dtype=torch.bool,
+                                                                           device=self.dev).tril()
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=self.dev).masked_fill_(~allowed, float("-inf"))
+            self._bias_cache = bias.view(-1, 1, 1, s, s)
+        return self._bias_cache
 
     def _attend_step(self, i: int, q, k, v):
         """One query per row, "sdpa" layout: ``q [B, 1, H, hd]``, ``k, v [B, 1, Hkv, hd]`` -> ``[B, H * hd]``."""
@@ -261,9 +307,12 @@ class _FastDecoder(Decoder):
         return self._o_t
 
     def _prefill_mask(self, P: int):
-        if self.valid is None:
+        return self._prefill_mask_of(self.valid, P)
+
+    def _prefill_mask_of(self, valid, P: int):
+        if valid is None:
             return None                                          # is_causal
-        keys = self.valid[:, None, None, :P]                     # [B, 1, 1, P]
+        keys = valid[:, None, None, :P]                          # [B, 1, 1, P]
         causal = torch.ones(P, P, dtype=torch.bool, device=self.dev).tril()
         # a padding query sees only itself (finite values in its own K/V slot, which no real query ever reads)
         return (causal & keys) | torch.eye(P, dtype=torch.bool, device=self.dev)
@@ -277,6 +326,8 @@ class _FastDecoder(Decoder):
             raise ValueError(f"context_ids: expected [{self.B}, 1..{self.S}], got {list(context_ids.shape)}")
         self.n = 0
         self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
+        self.recording = self.record and self.slab and bool(self._recorded_gemms())
+        self.P, self._versions = P, None
         if context_mask is None:
             self.valid = None
             pos = torch.arange(P, device=self.dev).expand(B, P)
@@ -289,15 +340,17 @@ class _FastDecoder(Decoder):
                     ~self.valid.t()[:, None, None, None, :], float("-inf"))
         self.pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(self.S - P, device=self.dev)], 1)
         self._start()
-        self._mask = self._prefill_mask(P)
+        self._mask, self._bias_cache = self._prefill_mask(P), None
         h = self._forward(context_ids, prefill=True)               # [B, d], the last position
+        if self.recording:
+            self._rec_ids[:P].copy_(context_ids.t())
         self.n = P
         if self.static:
             self._n_dev = torch.full((), P, dtype=torch.long, device=self.dev)
             m = torch.ones(B, self.S, dtype=torch.bool, device=self.dev) if self.valid is None else self.valid
             self._valid4 = m[:, None, None, :]
             self._ar = torch.arange(self.S, device=self.dev)
-        return self._logits(h)
+        return self._logits(h, P - 1)
 
     @torch.no_grad()
     def step(self, tokens):
@@ -312,15 +365,37 @@ class _FastDecoder(Decoder):
         self.n += 1
         return out
 
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The final-norm hidden states ``[B, s, d]`` of every position of ``ids [B, s]`` (left-padded, ``mask
+        [B, s]`` bool or None), with autograd (no cache: the scoring pass). Call on a decoder made with
+        ``max_len = s``."""
+        B, s = ids.shape
+        if B != self.B or s != self.S:
+            raise ValueError(f"ids: expected [{self.B}, {self.S}], got {list(ids.shape)}")
+        self.n, self.slab, self._prefilling = 0, False, True
+        self.valid = mask
+        self.pos = (torch.arange(s, device=self.dev).expand(B, s) if mask is None
+                    else (mask.long().cumsum(1) - 1).clamp_min(0))
+        self._start()
+        self._mask, self._bias_cache = self._prefill_mask(s), None
+        x = self._embed(ids)                                      # [B * s, d]
+        for i in range(self.n_layer):
+            a = self._attend_all(i, *self._qkv(i, self._norm1(i, x), s))
+            x = self._mlp(i, self._attn_out(i, a, x))
+        self._mask = self._bias_cache = None
+        return self._final_norm(x).view(B, s, -1)
+
     def _step(self, tokens):
         """One token per row; static, it reads no host-side state that changes between tokens (CUDA-graph and
         torch.compile friendly: fixed shapes, device-side position and slot index)."""
         if self.static:
             self._step_mask = self._valid4 & (self._ar <= self._n_dev)
+        if self.recording:
+            self._rec_ids[self.n].copy_(tokens)
         h = self._forward(tokens, prefill=False)
         if self.static:
             self._n_dev += 1
-        return self._logits(h)
+        return self._logits(h, self.n)
 
     def _slot(self, table):
         """Row ``n`` (the slot being filled) of a per-slot table ``[B, S, ...]``: ``[B, ...]``."""
@@ -349,8 +424,68 @@ class _FastDecoder(Decoder):
     def _start(self):
         pass
 
-    def _logits(self, h):
-        return F.linear(self._final_norm(h), self.head_w, self.head_b)
+    def _logits(self, h, slot: int):
+        """The logits ``[B, V]`` at position ``slot`` (recorded when recording) from its hidden state ``h``."""
+        out = self._rec_logits[slot] if self.recording else None
+        h = self._final_norm(h)
+        if out is None:
+            return F.linear(h, self.head_w, self.head_b)
+        if self.head_b is None:
+            return torch.mm(h, self.head_w.t(), out=out)
+        return torch.addmm(self.head_b, h, self.head_w.t(), out=out)
+
+    # ---- recording the sampling pass, and replaying it as the policy's scoring pass -------------------------
+
+    def _recorded_gemms(self) -> dict:
+        """``{name: output width}`` of the GEMMs a family records besides QKV (in the slab) and the logits; empty
+        where the family cannot replay."""
+        return {}
+
+    def _gemm(self, name: str, i: int, bias, h, w):
+        """``h @ w + bias`` (``w [in, out]``), written into its record at the current slot when recording."""
+        if not self.recording:
+            return torch.addmm(bias, h, w)
+        rec = self._rec[name][i]
+        if self._prefilling:
+            y = torch.addmm(bias, h, w)
+            rec[:self.P].copy_(y.view(self.B, self.P, -1).transpose(0, 1))
+            return y
+        return torch.addmm(bias, h, w, out=rec[self.n])
+
+    @property
+    def can_replay(self) -> bool:
+        """Whether :meth:`replay_logits` can stand in for a scoring pass (recorded, weights unchanged since)."""
+        return self.recording and self.n > 0 and self._versions == self._weight_versions()
+
+    def _weight_versions(self):
+        return [p._version for p in self.model.parameters()]
+
+    def seal(self):
+        """Mark the end of the sampling pass: from here the recorded outputs are those of the current weights
+        (an in-place update of any weight, such as an optimizer step, voids them)."""
+        if self.recording:
+            self._versions = self._weight_versions()
+
+    def replay_logits(self, T: int) -> torch.Tensor:
+        """The logits ``[B, T, V]`` at positions ``P-1 .. P+T-2`` (those that predict the ``T`` tokens drawn),
+        with autograd into the model's weights: the policy's scoring pass, its GEMMs taken from the recording
+        (:class:`_Replay`), its cheap ops (embeddings, norms, attention, activations) recomputed. Equal to a fresh
+        forward pass to float rounding, at a fraction of its cost."""
+        if not self.can_replay:
+            raise RuntimeError("replay_logits: nothing recorded for the current weights (decoder(record=True) on "
+                               "the CPU slab path, then seal() after sampling, and no weight update since)")
+        s = self.P + T - 1
+        if not (0 < T and s <= self.n):
+            raise ValueError(f"T: expected 1..{self.n - self.P + 1} (the positions fed), got {T}")
+        valid = None if self.valid is None else self.valid[:, :s]
+        self._mask, self._bias_cache = self._prefill_mask_of(valid, s), None
+        x = self._replay_embed(self._rec_ids[:s].t())               # [B, s, d]
+        for i in range(self.n_layer):
+            x = self._replay_layer(i, x, s)
+        self._mask = self._bias_cache = None
+        h = self._final_norm(x[:, self.P - 1:s])                    # [B, T, d]
+        z = self._rec_logits[self.P - 1:s].transpose(0, 1)          # [B, T, V]
+        return _Replay.apply(h, self.head_w, self.head_b, z, True)
 
 
 def _ln(x, ln):
@@ -399,12 +534,30 @@ class _GPT2(_FastDecoder):
 
     def _attn_out(self, i, a, x):
         c_proj = self.blocks[i][2]
-        return torch.addmm(c_proj.bias, a, c_proj.weight) + x
+        return self._gemm("proj", i, c_proj.bias, a, c_proj.weight) + x
 
     def _mlp(self, i, x):
         _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
-        h = act(torch.addmm(c_fc.bias, _ln(x, ln2), c_fc.weight))
-        return torch.addmm(m_proj.bias, h, m_proj.weight) + x
+        h = act(self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight))
+        return self._gemm("mlp", i, m_proj.bias, h, m_proj.weight) + x
+
+    def _recorded_gemms(self):
+        return {"proj": self.d, "fc": self.blocks[0][4].weight.shape[1], "mlp": self.d}
+
+    def _replay_embed(self, ids):
+        return F.embedding(ids, self.wte) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
+
+    def _replay_layer(self, i, x, s):
+        """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (``[B, s, width]`` views)."""
+        ln1, c_attn, c_proj, ln2, c_fc, act, m_proj = self.blocks[i]
+        B, H, hd, D = self.B, self.n_head, self.hd, self.D
+        rec = {k: v[i, :s].transpose(0, 1) for k, v in self._rec.items()}
+        qkv = _Replay.apply(_ln(x, ln1), c_attn.weight, c_attn.bias, self._slots[i][:s].permute(2, 0, 1), False)
+        q, k, v = qkv.view(B, s, 3, H, hd).unbind(2)
+        a = self._attend_all(i, q, k, v).view(B, s, D)
+        x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
+        g = act(_Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False))
+        return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
     def _final_norm(self, h):
         return _ln(h, self.ln_f)
@@ -503,8 +656,46 @@ class _Llama(_FastDecoder):
         return _rms(h, self.norm)
 
 
+class _Replay(torch.autograd.Function):
+    """``y = h @ w + b`` (``w [in, out]``; ``w [out, in]`` when ``w_out_in``) whose value ``y [..., out]`` was
+    computed already, by the sampling pass: the forward returns it, the backward is the GEMM's."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, w_out_in: bool):
+        ctx.save_for_backward(h, w)
+        ctx.w_out_in, ctx.has_b = w_out_in, b is not None
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, w = ctx.saved_tensors
+        dy2, h2 = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = (dy2 @ (w if ctx.w_out_in else w.t())).view(h.shape) if need_h else None
+        dw = (dy2.t() @ h2 if ctx.w_out_in else h2.t() @ dy2) if need_w else None
+        db = dy2.sum(0) if need_b and ctx.has_b else None
+        return dh, dw, db, None, None
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  attention: str = "auto") -> torch.Tensor:
+    """The last hidden states ``[B, s, d]`` (after the final norm) of ``input_ids [B, s]`` long, left-padded with
+    ``attention_mask [B, s]`` (0/1 or bool; None: no padding), positions counting real tokens only; with autograd.
+    What ``model.base_model(...)[0]`` returns (to float rounding; padding positions excepted), through fdpg's own
+    forward when :func:`fast_path_reason` finds nothing against it (no host sync; on the CPU, attention by batched
+    GEMMs unless ``attention="sdpa"``), else through the model's."""
+    if fast_path_reason(model) is not None:
+        pos = None if attention_mask is None else (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                use_cache=False)[0]
+    B, s = input_ids.shape
+    cls = _GPT2 if type(model).__name__ == "GPT2LMHeadModel" else _Llama
+    mask = None if attention_mask is None else attention_mask.bool()
+    return cls(model, B, s, attention=attention).forward(input_ids, mask)
+
+
 def decoder(model, batch_size: int, max_len: int, *, fast: bool = True, static: bool = False,
-            attention: str = "auto") -> Decoder:
+            attention: str = "auto", record: bool = False) -> Decoder:
     """A :class:`Decoder` for ``batch_size`` rows of at most ``max_len`` positions (context included): the fast
     path when ``fast`` and :func:`fast_path_reason` finds none against it, else Hugging Face's forward.
 
@@ -513,5 +704,5 @@ def decoder(model, batch_size: int, max_len: int, *, fast: bool = True, static: 
     """
     if fast and fast_path_reason(model) is None:
         cls = _GPT2 if type(model).__name__ == "GPT2LMHeadModel" else _Llama
-        return cls(model, batch_size, max_len, static=static, attention=attention)
+        return cls(model, batch_size, max_len, static=static, attention=attention, record=record)
     return _HFDecoder(model)

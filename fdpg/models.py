@@ -184,14 +184,20 @@ def model_inputs(context_ids: torch.Tensor, context_mask: torch.Tensor | None, t
 
 
 def _hidden(model, inp: ModelInputs) -> torch.Tensor:
-    out = model.base_model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
-                           position_ids=inp.position_ids, use_cache=False)
-    return out[0]
+    """The final hidden states ``[B, P+T, d]``: fdpg's own forward for GPT-2 and Llama (no host sync, cheaper
+    attention on the CPU), the model's elsewhere (:func:`fdpg.decode.hidden_states`)."""
+    from .decode import hidden_states
+
+    return hidden_states(model, inp.input_ids, inp.attention_mask)
 
 
-def _logits(model, inp: ModelInputs) -> torch.Tensor:
+def _logits(model, inp: ModelInputs, sl: slice = slice(None)) -> torch.Tensor:
+    """The logits ``[B, len(sl), V]`` at positions ``sl`` (the output layer on those positions only)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and hasattr(model, "base_model") and model.base_model is not model:
+        return head(_hidden(model, inp)[:, sl])
     return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
-                 use_cache=False).logits
+                 use_cache=False).logits[:, sl]
 
 
 def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused: bool,
@@ -218,10 +224,10 @@ def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused
         with grad_ctx:
             return fdpg.linear_token_logprobs(h_pi, w_pi.weight, tokens, bias=w_pi.bias, validate=False), None
     with grad_ctx:
-        z_pi = _logits(policy, inp)[:, sl]
+        z_pi = _logits(policy, inp, sl)
     if with_prior:
         with torch.inference_mode():
-            z_a = _logits(prior, inp)[:, sl]
+            z_a = _logits(prior, inp, sl)
         with grad_ctx:
             return fdpg.paired_token_logprobs(z_pi, z_a, tokens, validate=False)
     with grad_ctx:
@@ -243,9 +249,9 @@ def score_sequences(policy, prior, inp: ModelInputs, tokens: torch.Tensor, mask:
     sl = slice(P - 1, P + T - 1)
     grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
     with grad_ctx:
-        z_pi = _logits(policy, inp)[:, sl]
+        z_pi = _logits(policy, inp, sl)
     with torch.inference_mode():
-        z_a = _logits(prior, inp)[:, sl]
+        z_a = _logits(prior, inp, sl)
     with grad_ctx:
         st = fdpg.paired_token_stats(z_pi, z_a, tokens, mask=mask, validate=False)
     return st.policy_seq, st.prior_seq

@@ -149,9 +149,9 @@ class QTrainer(Trainer):
             o = fdpg.paired_linear_token_logprobs(h_pi, w_pi.weight, h_a, w_a.weight, tokens, policy_bias=w_pi.bias,
                                                   prior_bias=w_a.bias, validate=False, return_lse=True)
             return o.policy_lp, o.policy_lse, o.prior_lp, None
-        z_pi = _logits(self.policy, inp)[:, sl]
+        z_pi = _logits(self.policy, inp, sl)
         with torch.no_grad():  # not inference_mode: the exact KL's backward keeps the prior logits
-            z_a = _logits(self.prior, inp)[:, sl]
+            z_a = _logits(self.prior, inp, sl)
         st = fdpg.paired_token_stats(z_pi, z_a, tokens, kl=kl, validate=False, inplace_backward=True)
         return st.policy_lp, st.policy_lse, st.prior_lp, st.kl
 
@@ -174,7 +174,7 @@ class QTrainer(Trainer):
                                                        validate=False, return_lse=True)
                         v = o.lse if self.psi else o.max
                     else:
-                        st = fdpg.paired_token_stats(_logits(net, inp)[:, sl], None, tokens, validate=False)
+                        st = fdpg.paired_token_stats(_logits(net, inp, sl), None, tokens, validate=False)
                         v = st.policy_lse if self.psi else st.policy_max
                 v = v.float()
                 best = v if best is None else torch.minimum(best, v)
@@ -248,7 +248,7 @@ class QTrainer(Trainer):
             ids, mask, _ = self._contexts_of(idx)
             inp = model_inputs(ids, mask, ids[:, :0])
             with self._amp():
-                z = _logits(self.policy, inp)[:, -1].float()
+                z = _logits(self.policy, inp, slice(-1, None))[:, -1].float()
             vals.append(torch.logsumexp(z, -1) if self.psi else z.amax(-1))
         return float(torch.cat(vals).double().mean())
 

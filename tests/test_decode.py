@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fdpg
-from fdpg.decode import decoder, fast_path_reason
+from fdpg.decode import decoder, fast_path_reason, hidden_states
 from fdpg.models import build_tiny, model_inputs, score_tokens
 from fdpg.sampling import left_pad, sample
 
@@ -55,6 +55,53 @@ def hf_logits(model, ids, mask):
     inp = model_inputs(ids[:, :0], None, ids) if mask is None else model_inputs(ids, mask, ids[:, :0])
     return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
                  use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_hidden_states_and_grads_equal_the_models_forward(name, attention):
+    """The scoring pass (every position, with autograd) in float64 against the model's own forward: hidden states
+    at real positions, and every parameter's gradient of a random projection of them."""
+    import copy
+
+    model = copy.deepcopy(get(name)).double()
+    B, T = 5, 7
+    ids, mask = contexts("padded", B)
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(3))
+    inp = model_inputs(ids, mask, toks)
+    w = torch.randn(B, inp.input_ids.shape[1], model.config.hidden_size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(4))
+    real = inp.attention_mask.bool()
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        h = f()
+        (h * w)[real].sum().backward()
+        return h.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got, g_got = run(lambda: hidden_states(model, inp.input_ids, inp.attention_mask, attention=attention))
+    want, g_want = run(lambda: model.base_model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                                                position_ids=inp.position_ids, use_cache=False)[0])
+    assert got.shape == want.shape and want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    assert g_got.keys() == g_want.keys() and len(g_want) >= 10
+    for n in g_want:
+        torch.testing.assert_close(g_got[n], g_want[n], atol=1e-10, rtol=1e-9, msg=n)
+    # no padding: the causal mask alone
+    h = hidden_states(model, inp.input_ids[:, -T:], None, attention=attention)
+    ref = model.base_model(input_ids=inp.input_ids[:, -T:], use_cache=False)[0]
+    torch.testing.assert_close(h, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_hidden_states_falls_back_to_the_models_forward():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4)).eval()
+    assert fast_path_reason(model) is not None
+    ids = torch.randint(0, V, (3, 6))
+    torch.testing.assert_close(hidden_states(model, ids), model.base_model(input_ids=ids)[0])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
