@@ -455,10 +455,16 @@ class _FastDecoder(Decoder):
     @property
     def can_replay(self) -> bool:
         """Whether :meth:`replay_logits` can stand in for a scoring pass (recorded, weights unchanged since)."""
-        return self.recording and self.n > 0 and self._versions == self._weight_versions()
+        if not (self.recording and self.n > 0 and self._versions is not None):
+            return False
+        versions, norms = self._weight_versions()
+        return versions == self._versions[0] and torch.equal(norms, self._versions[1])
 
     def _weight_versions(self):
-        return [p._version for p in self.model.parameters()]
+        """The weights' version counters and norms: an in-place update changes the first, except through fused
+        optimizer kernels (which bypass them), and those change the second."""
+        params = [p.detach() for p in self.model.parameters()]
+        return [p._version for p in params], torch.stack(torch._foreach_norm(params))
 
     def seal(self):
         """Mark the end of the sampling pass: from here the recorded outputs are those of the current weights

@@ -266,13 +266,18 @@ class Parallel:
                         m(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
         barrier()
 
-    def score(self, inp, tokens, mask, *, fused: bool, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, inp, tokens, mask, *, fused: bool, grad: bool, policy_logits=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log pi(x), log a(x))`` ``[B]`` float32 of the continuations: one forward pass of each model (the
-        prior in inference mode), the policy's through DDP or FSDP so that its gradient is synchronised."""
+        prior in inference mode), the policy's through DDP or FSDP so that its gradient is synchronised.
+        ``policy_logits``: the policy's logits when at hand (one process only; see ``score_sequences``)."""
         from .models import score_sequences
 
         if self.strategy == "none":
-            return score_sequences(self.policy, self.prior, inp, tokens, mask, fused=fused, policy_grad=grad)
+            return score_sequences(self.policy, self.prior, inp, tokens, mask, fused=fused, policy_grad=grad,
+                                   policy_logits=policy_logits)
+        if policy_logits is not None:
+            raise ValueError("policy_logits: the policy's pass must go through DDP/FSDP (not given with a strategy)")
         args = (inp.input_ids, inp.attention_mask, inp.position_ids, inp.P, tokens, mask)
         grad_ctx = torch.enable_grad() if grad else torch.no_grad()
         if fused:

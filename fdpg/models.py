@@ -235,13 +235,16 @@ def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused
 
 
 def score_sequences(policy, prior, inp: ModelInputs, tokens: torch.Tensor, mask: torch.Tensor, *, fused: bool,
-                    policy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    policy_grad: bool = True, policy_logits: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs ``(log pi(x), log a(x))``, ``[B]`` float32 each, of the continuations ``tokens [B, T]``
     under ``mask [B, T]``: one forward pass of each model (the prior in inference mode), then one fused op
     (:func:`fdpg.paired_token_stats` over the logits, or the output layer fused in with
     :func:`fdpg.paired_linear_token_logprobs`). Only ``log pi`` carries grad (when ``policy_grad``).
+    ``policy_logits [B, T, V]``: the policy's logits at the scored positions when already at hand (the replayed
+    sampling pass, ``Samples.replay``), in place of its forward pass.
     """
-    if fused:
+    if fused and policy_logits is None:
         tok_pi, tok_a = score_tokens(policy, prior, inp, tokens, fused=True, policy_grad=policy_grad)
         return (fdpg.sequence_logprobs(tok_pi, mask, validate=False),
                 fdpg.sequence_logprobs(tok_a, mask, validate=False))
@@ -249,7 +252,7 @@ def score_sequences(policy, prior, inp: ModelInputs, tokens: torch.Tensor, mask:
     sl = slice(P - 1, P + T - 1)
     grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
     with grad_ctx:
-        z_pi = _logits(policy, inp, sl)
+        z_pi = _logits(policy, inp, sl) if policy_logits is None else policy_logits
     with torch.inference_mode():
         z_a = _logits(prior, inp, sl)
     with grad_ctx:

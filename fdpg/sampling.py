@@ -10,7 +10,8 @@ belongs to it) or at ``max_length`` tokens; later positions are padding, masked 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,10 @@ class Samples:
     token_logprob ``[B, T]`` float32 (log q per token, 0 where masked), logprob ``[B]`` float32 (log q(x)),
     context_ids ``[B, P]`` long (left-padded), context_mask ``[B, P]`` bool or None (no padding),
     context_index ``[B]`` long (which context; 0 for unconditional sampling).
+    replay: when ``sample(record=True)`` could record the pass, a function that returns the sampling model's logits
+    ``[B, T, V]`` at the positions that predict ``tokens``, with autograd into its weights, from the recording
+    (:meth:`fdpg.decode._FastDecoder.replay_logits`): the scoring pass without its GEMMs; the function returns
+    None once any weight of the model has been updated in place since the draw. None when nothing was recorded.
     """
 
     tokens: torch.Tensor
@@ -36,13 +41,14 @@ class Samples:
     context_ids: torch.Tensor
     context_mask: torch.Tensor | None
     context_index: torch.Tensor
+    replay: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def to(self, device) -> "Samples":
         return Samples(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
-                          for f in fields(self)})
+                          for f in fields(self) if f.name != "replay"})
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,7 +72,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None, bos_token_id: int = 0,
            context_ids: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
            context_index: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1, fast: bool = True) -> Samples:
+           autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1, fast: bool = True,
+           record: bool = False) -> Samples:
     """Draw ``batch_size`` sequences by ancestral sampling with the KV cache.
 
     Args:
@@ -82,6 +89,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         fast: decode with :mod:`fdpg.decode`'s own forward and static KV cache for the model families it knows
             (GPT-2, Llama); other models, and False, use the model's forward with Hugging Face's cache. Both
             compute the same distribution and consume the generator alike.
+        record: keep the pass's GEMM outputs so that ``Samples.replay`` can stand in for the model's scoring pass
+            (the fast path on the CPU in float32/64; elsewhere ``replay`` is None).
 
     Returns:
         :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
@@ -105,7 +114,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     done = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     any_done = False                      # known on the host at the stop checks; until then nothing to mask
     tokens, lps = [], []
-    dec = decoder(model, B, P + max_length - 1, fast=fast)
+    dec = decoder(model, B, P + max_length - 1, fast=fast, record=record)
     with amp:
         logits = dec.prefill(context_ids, context_mask)
     for t in range(max_length):
@@ -128,8 +137,11 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             logits = dec.step(tok.view(-1))
     tokens, token_lp = torch.cat(tokens, 1), torch.cat(lps, 1)
     mask = fdpg.completion_mask(tokens, eos_token_id)
+    dec.seal()
+    T = tokens.shape[1]
     return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
-                   context_ids=context_ids, context_mask=context_mask, context_index=context_index)
+                   context_ids=context_ids, context_mask=context_mask, context_index=context_index,
+                   replay=(lambda: dec.replay_logits(T) if dec.can_replay else None) if dec.can_replay else None)
 
 
 def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

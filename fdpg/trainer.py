@@ -177,8 +177,12 @@ class Trainer:
 
         # ---- optimisation
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        # the fused kernel (one pass over all parameters: ~4x faster on the CPU) on plain tensors; FSDP2's
+        # DTensors take the default implementation
+        fused = self.dist.strategy != "fsdp" and all(type(p) is torch.nn.Parameter and p.is_floating_point()
+                                                      and p.device.type in ("cpu", "cuda") for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
         # ---- state
@@ -286,7 +290,7 @@ class Trainer:
         return ids, mask, dev_idx
 
     def draw(self, n: int, model=None, *, sample_gen: torch.Generator | None = None,
-             data_gen: torch.Generator | None = None) -> Samples:
+             data_gen: torch.Generator | None = None, record: bool = False) -> Samples:
         """``n`` fresh samples from ``model`` (default: the policy) on the trainer's contexts; the generators
         default to the trainer's (whose states are checkpointed)."""
         ids, mask, idx = self._context_batch(n, data_gen)
@@ -295,7 +299,7 @@ class Trainer:
                       generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
                       # FSDP: no early stop, so that every rank runs the same forward passes (collectives)
                       stop_check_every=(self.cfg.max_length if self.dist.strategy == "fsdp"
-                                        else 1 if self.device.type == "cpu" else 16))
+                                        else 1 if self.device.type == "cpu" else 16), record=record)
 
     def _offline_indices(self, n: int) -> torch.Tensor:
         """The next ``n`` rows of the shuffled offline stream (reshuffled at each epoch; checkpointed state)."""
@@ -327,7 +331,10 @@ class Trainer:
         n = self.cfg.batch_size
         if self.offline is not None:
             return self._offline_batch(n)
-        return self.draw(n, self.policy if self.proposal is None else self.proposal)
+        if self.proposal is not None:
+            return self.draw(n, self.proposal)
+        # on-policy, one process: record the sampling pass so that scoring replays it instead of a forward pass
+        return self.draw(n, self.policy, record=self.on_policy and self.dist.strategy == "none")
 
     # ------------------------------------------------------------------------------------------ scoring
 
@@ -339,7 +346,9 @@ class Trainer:
         """Policy and prior log-probs of ``s`` (one paired pass), the target's ``log b``, ``log P``, ``log q``."""
         inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
         with self._amp():
-            lpi, la = self.dist.score(inp, s.tokens, s.mask, fused=self.fused, grad=grad)
+            # the policy's pass: replayed from its sampling pass when recorded (and the weights unchanged since)
+            z_pi = s.replay() if grad and s.replay is not None else None
+            lpi, la = self.dist.score(inp, s.tokens, s.mask, fused=self.fused, grad=grad, policy_logits=z_pi)
         ts = self.target_scores(s)
         lq = lpi.detach() if self.on_policy else s.logprob
         return Scored(policy_lp=lpi, prior_lp=la, proposal_lp=lq, log_P=la + ts.log_b, target=ts)

@@ -93,6 +93,83 @@ def test_hidden_states_and_grads_equal_the_models_forward(name, attention):
     torch.testing.assert_close(h, ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("ctx", ["bos", "padded"])
+@pytest.mark.parametrize("fed", [6, 3, 1])
+def test_replayed_pass_equals_a_forward_pass(ctx, fed):
+    """The recorded sampling pass replayed with autograd (its GEMMs taken from the recording) against a fresh
+    forward pass, in float64: the logits of the positions fed and every parameter's gradient."""
+    import copy
+
+    model = copy.deepcopy(get("gpt2")).double()
+    B, T = 6, 6
+    ids, mask = contexts(ctx, B)
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(6))
+    dec = decoder(model, B, P + T - 1, record=True)
+    with torch.no_grad():
+        dec.prefill(ids, mask)
+        for t in range(fed - 1):                       # fewer than T tokens: the sampling pass stopped early
+            dec.step(toks[:, t])
+    assert not dec.can_replay                          # not sealed yet
+    dec.seal()
+    assert dec.can_replay
+    w = torch.randn(B, fed, V, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        z = f()
+        (z * w).sum().backward()
+        return z.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    z_rep, g_rep = run(lambda: dec.replay_logits(fed))
+    inp = model_inputs(ids, mask, toks[:, :fed])
+    z_fwd, g_fwd = run(lambda: model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                                     position_ids=inp.position_ids).logits[:, P - 1:P + fed - 1])
+    torch.testing.assert_close(z_rep, z_fwd, atol=1e-10, rtol=1e-10)
+    assert len(g_fwd) == len(list(model.parameters()))
+    for n in g_fwd:
+        torch.testing.assert_close(g_rep[n], g_fwd[n], atol=1e-10, rtol=1e-9, msg=n)
+    with pytest.raises(ValueError, match="T: expected"):
+        dec.replay_logits(fed + 1)
+
+
+def test_replay_is_void_after_a_weight_update_and_absent_where_nothing_is_recorded():
+    model = build_tiny(V, n_layer=1, n_embd=16, n_head=2, seed=4, initializer_range=0.3)
+    g = torch.Generator().manual_seed(0)
+    s = sample(model, 4, 5, eos_token_id=None, generator=g, record=True)
+    assert s.replay is not None and s.replay().shape == (4, 5, V)
+    assert sample(model, 4, 5, eos_token_id=None, generator=g).replay is None          # not asked for
+    # an optimizer step, through the fused kernel (which bypasses the version counters) and the default one
+    for kw in ({"fused": True}, {}):
+        s = sample(model, 4, 5, eos_token_id=None, generator=g, record=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **kw)
+        s.replay().sum().backward()
+        opt.step()
+        assert s.replay() is None
+    dec = decoder(model, 3, 4, record=True)
+    with torch.no_grad():
+        dec.prefill(torch.ones(3, 1, dtype=torch.long), None)
+    dec.seal()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    with pytest.raises(RuntimeError, match="nothing recorded for the current weights"):
+        dec.replay_logits(1)
+    # where no recording is kept: another family, bf16 weights, autocast, the static cache
+    for m, kw in ((get("llama-gqa"), {}), (copy_to(model, torch.bfloat16), {}),
+                  (model, {"autocast_dtype": torch.bfloat16})):
+        assert sample(m, 3, 4, eos_token_id=0, generator=g, record=True, **kw).replay is None
+    dec = decoder(model, 3, 4, static=True, record=True)
+    dec.prefill(torch.ones(3, 1, dtype=torch.long), None)
+    dec.seal()
+    assert not dec.can_replay
+
+
+def copy_to(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
 def test_hidden_states_falls_back_to_the_models_forward():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

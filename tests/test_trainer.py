@@ -1,6 +1,7 @@
 """The training loop on tiny models, CPU: convergence, the baseline's variance reduction, every method of the
 issue (DPG with the KL-adaptive proposal, f-DPG, KL-control, offline, conditional, distributional), checkpoints
 (atomic, exact resume)."""
+import dataclasses
 import json
 import math
 
@@ -309,3 +310,29 @@ def test_resume_refuses_a_different_problem(tmp_path):
     # how the run is observed may change
     run = train({**cfg, "steps": 4, "eval": {"exact": True, "every": 1}}, resume=True, log=quiet)
     assert metrics(run)[-1]["step"] == 4
+
+
+@pytest.mark.parametrize("prompts", [None, [[0], [0, 3], [0, 1, 2]]])
+def test_replayed_sampling_pass_gives_the_forward_pass_gradient(tmp_path, prompts):
+    """On-policy on the CPU the policy's scoring pass is replayed from the recorded sampling pass: the same log pi
+    and the same gradient as a fresh forward pass; a weight update voids the recording."""
+    kw = dict(prompts=prompts, samples_per_context=4, batch_size=24) if prompts else {}
+    tr = Trainer(from_dict(config(tmp_path, max_length=6, eval={"exact": False}, **kw)), log=quiet)
+    s = tr.next_batch()
+    assert s.replay is not None and (s.context_mask is not None) == bool(prompts)
+
+    def grads(samples):
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss, _, sc = tr.batch_loss(samples, update_log_z=False)
+        loss.backward()
+        return sc.policy_lp.detach(), {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
+
+    lp_replay, g_replay = grads(s)
+    lp_fwd, g_fwd = grads(dataclasses.replace(s, replay=None))
+    torch.testing.assert_close(lp_replay, lp_fwd, atol=1e-5, rtol=1e-5)
+    assert g_replay.keys() == g_fwd.keys()
+    for n in g_fwd:
+        torch.testing.assert_close(g_replay[n], g_fwd[n], atol=1e-6, rtol=1e-4, msg=n)
+    tr._optimizer_step()
+    assert s.replay() is None                     # the recording belongs to the weights before the step
+    assert tr.next_batch().replay is not None
