@@ -445,12 +445,19 @@ class _FastDecoder(Decoder):
         """``h @ w + bias`` (``w [in, out]``), written into its record at the current slot when recording."""
         if not self.recording:
             return torch.addmm(bias, h, w)
-        rec = self._rec[name][i]
         if self._prefilling:
-            y = torch.addmm(bias, h, w)
-            rec[:self.P].copy_(y.view(self.B, self.P, -1).transpose(0, 1))
-            return y
-        return torch.addmm(bias, h, w, out=rec[self.n])
+            return self._keep(name, i, torch.addmm(bias, h, w))
+        return torch.addmm(bias, h, w, out=self._rec[name][i][self.n])
+
+    def _keep(self, name: str, i: int, y):
+        """Record ``y`` (``[B * P, width]`` in the prefill, ``[B, width]`` in a step) when recording."""
+        if self.recording and name in self._rec:
+            rec = self._rec[name][i]
+            if self._prefilling:
+                rec[:self.P].copy_(y.view(self.B, self.P, -1).transpose(0, 1))
+            else:
+                rec[self.n].copy_(y)
+        return y
 
     @property
     def can_replay(self) -> bool:
@@ -544,11 +551,13 @@ class _GPT2(_FastDecoder):
 
     def _mlp(self, i, x):
         _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
-        h = act(self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight))
+        h = self._keep("act", i, act(self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight)))
         return self._gemm("mlp", i, m_proj.bias, h, m_proj.weight) + x
 
     def _recorded_gemms(self):
-        return {"proj": self.d, "fc": self.blocks[0][4].weight.shape[1], "mlp": self.d}
+        width = self.blocks[0][4].weight.shape[1]
+        gelu = _GELU_KIND.get(type(self.blocks[0][5]).__name__)
+        return {"proj": self.d, "fc": width, "mlp": self.d, **({"act": width} if gelu else {})}
 
     def _replay_embed(self, ids):
         return F.embedding(ids, self.wte) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
@@ -562,7 +571,8 @@ class _GPT2(_FastDecoder):
         q, k, v = qkv.view(B, s, 3, H, hd).unbind(2)
         a = self._attend_all(i, q, k, v).view(B, s, D)
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
-        g = act(_Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False))
+        f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False)
+        g = _ReplayGELU.apply(f, rec["act"], _GELU_KIND[type(act).__name__]) if "act" in rec else act(f)
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
     def _final_norm(self, h):
@@ -681,6 +691,27 @@ class _Replay(torch.autograd.Function):
         dw = (dy2.t() @ h2 if ctx.w_out_in else h2.t() @ dy2) if need_w else None
         db = dy2.sum(0) if need_b and ctx.has_b else None
         return dh, dw, db, None, None
+
+
+# Hugging Face's GELU modules and the form of their function (F.gelu's ``approximate``): their recorded outputs
+# are replayed with GELU's backward
+_GELU_KIND = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "tanh",
+              "FastGELUActivation": "tanh", "GELUActivation": "none"}
+
+
+class _ReplayGELU(torch.autograd.Function):
+    """``y = gelu(x)`` whose value was computed already: the forward returns it, the backward is GELU's."""
+
+    @staticmethod
+    def forward(ctx, x, y, approximate: str):
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(dy, x, approximate=ctx.approximate), None, None
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -93,14 +93,21 @@ def test_hidden_states_and_grads_equal_the_models_forward(name, attention):
     torch.testing.assert_close(h, ref, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("ctx", ["bos", "padded"])
-@pytest.mark.parametrize("fed", [6, 3, 1])
-def test_replayed_pass_equals_a_forward_pass(ctx, fed):
-    """The recorded sampling pass replayed with autograd (its GEMMs taken from the recording) against a fresh
-    forward pass, in float64: the logits of the positions fed and every parameter's gradient."""
-    import copy
+def gpt2_with(act: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = copy.deepcopy(get("gpt2")).double()
+    torch.manual_seed(11)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0, initializer_range=0.3,
+                                      activation_function=act)).eval()
+
+
+@pytest.mark.parametrize("ctx,fed,act", [("bos", 6, "gelu_pytorch_tanh"), ("padded", 6, "gelu_pytorch_tanh"),
+                                         ("padded", 3, "gelu_new"), ("bos", 1, "gelu"), ("padded", 4, "relu")])
+def test_replayed_pass_equals_a_forward_pass(ctx, fed, act):
+    """The recorded sampling pass replayed with autograd (its GEMMs, and GELU's output, taken from the recording)
+    against a fresh forward pass, in float64: the logits of the positions fed and every parameter's gradient."""
+    model = gpt2_with(act).double()
     B, T = 6, 6
     ids, mask = contexts(ctx, B)
     P = ids.shape[1]
@@ -112,7 +119,7 @@ def test_replayed_pass_equals_a_forward_pass(ctx, fed):
             dec.step(toks[:, t])
     assert not dec.can_replay                          # not sealed yet
     dec.seal()
-    assert dec.can_replay
+    assert dec.can_replay and ("act" in dec._rec) == (act != "relu")   # GELU's output replayed, ReLU recomputed
     w = torch.randn(B, fed, V, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
     def run(f):
