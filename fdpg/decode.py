@@ -479,12 +479,13 @@ class _FastDecoder(Decoder):
         if self.recording:
             self._versions = self._weight_versions()
 
-    def replay_logits(self, T: int) -> torch.Tensor:
+    def replay_logits(self, T: int, *, check: bool = True) -> torch.Tensor:
         """The logits ``[B, T, V]`` at positions ``P-1 .. P+T-2`` (those that predict the ``T`` tokens drawn),
         with autograd into the model's weights: the policy's scoring pass, its GEMMs taken from the recording
         (:class:`_Replay`), its cheap ops (embeddings, norms, attention, activations) recomputed. Equal to a fresh
-        forward pass to float rounding, at a fraction of its cost."""
-        if not self.can_replay:
+        forward pass to float rounding, at a fraction of its cost. ``check=False`` skips the test that the weights
+        are those of the recording (for a caller that knows: it reads the weights' norms back to the host)."""
+        if not (self.recording and self._versions is not None) or (check and not self.can_replay):
             raise RuntimeError("replay_logits: nothing recorded for the current weights (decoder(record=True) on "
                                "the CPU slab path, then seal() after sampling, and no weight update since)")
         s = self.P + T - 1

@@ -31,7 +31,8 @@ class Samples:
     replay: when ``sample(record=True)`` could record the pass, a function that returns the sampling model's logits
     ``[B, T, V]`` at the positions that predict ``tokens``, with autograd into its weights, from the recording
     (:meth:`fdpg.decode._FastDecoder.replay_logits`): the scoring pass without its GEMMs; the function returns
-    None once any weight of the model has been updated in place since the draw. None when nothing was recorded.
+    None once any weight of the model has been updated in place since the draw (``replay(check=False)`` skips
+    that test). None when nothing was recorded.
     """
 
     tokens: torch.Tensor
@@ -141,7 +142,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     T = tokens.shape[1]
     return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
                    context_ids=context_ids, context_mask=context_mask, context_index=context_index,
-                   replay=(lambda: dec.replay_logits(T) if dec.can_replay else None) if dec.can_replay else None)
+                   replay=(lambda check=True: dec.replay_logits(T, check=False) if not check or dec.can_replay
+                           else None) if dec.can_replay else None)
 
 
 def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

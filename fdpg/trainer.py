@@ -346,8 +346,9 @@ class Trainer:
         """Policy and prior log-probs of ``s`` (one paired pass), the target's ``log b``, ``log P``, ``log q``."""
         inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
         with self._amp():
-            # the policy's pass: replayed from its sampling pass when recorded (and the weights unchanged since)
-            z_pi = s.replay() if grad and s.replay is not None else None
+            # the policy's pass: replayed from its sampling pass when recorded (next_batch, then score: no weight
+            # update in between, so the check that reads the weights' norms back is skipped)
+            z_pi = s.replay(check=False) if grad and s.replay is not None else None
             lpi, la = self.dist.score(inp, s.tokens, s.mask, fused=self.fused, grad=grad, policy_logits=z_pi)
         ts = self.target_scores(s)
         lq = lpi.detach() if self.on_policy else s.logprob

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fdpg.config import ConfigError, from_dict
 from fdpg.trainer import TIMING_KEYS, Trainer, train
 
@@ -336,3 +338,36 @@ def test_replayed_sampling_pass_gives_the_forward_pass_gradient(tmp_path, prompt
     tr._optimizer_step()
     assert s.replay() is None                     # the recording belongs to the weights before the step
     assert tr.next_batch().replay is not None
+
+
+class _SyncOps(TorchDispatchMode):
+    """Records the ops that make the host wait for the device (a value read, or an output sized by the data)."""
+
+    SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+            "unique_dim", "repeat_interleave", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNC:
+            self.hits.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, {"prompts": [[0], [0, 3], [0, 1, 2]], "samples_per_context": 4, "batch_size": 24},
+                                {"baseline": "none", "proposal": {"update": "kl_adaptive", "every": 1000}},
+                                {"divergence": "reverse_kl", "target": {"constraints": []}, "log_b_floor": -5.0}],
+                         ids=["on-policy", "prompts", "proposal", "kl-control"])
+def test_no_host_sync_in_a_step_past_sampling(tmp_path, kw):
+    """Scoring, log Z, coefficients, backward, clipping and AdamW read no value back to the host (on a GPU each
+    would stall the stream); the ops are the same on the CPU, where this counts them."""
+    tr = Trainer(from_dict(config(tmp_path, max_length=6, eval={"exact": False}, **kw)), log=quiet)
+    tr.train_step()
+    s = tr.next_batch()
+    with _SyncOps() as mode:
+        loss, _, _ = tr.batch_loss(s)
+        loss.backward()
+        tr._optimizer_step()
+    assert mode.hits == []

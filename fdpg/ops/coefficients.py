@@ -159,13 +159,17 @@ def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logpr
                          "from this batch; the constraint may be unsatisfiable by the proposal")
 
 
-def _resolve_log_z(log_z, like: torch.Tensor):
+def _resolve_log_z(log_z, like: torch.Tensor, check: bool):
+    """``log_z`` as a 0-d tensor like ``like``; a number is checked for finiteness always, a tensor only when
+    ``check`` (validating: a host sync)."""
     if log_z is None:
         return None
+    if isinstance(log_z, (int, float)) and not math.isfinite(log_z):
+        raise ValueError(f"log_z: expected a finite number, got {log_z}")
     lz = torch.as_tensor(log_z, dtype=like.dtype, device=like.device).detach()
     if lz.numel() != 1:
         raise ValueError(f"log_z: expected a scalar, got shape {tuple(lz.shape)}")
-    if not torch.compiler.is_compiling() and lz.device.type != "cuda" and not bool(torch.isfinite(lz)):
+    if check and not torch.compiler.is_compiling() and not bool(torch.isfinite(lz)):
         raise ValueError(f"log_z: expected a finite number, got {float(lz)}")
     return lz.reshape(())
 
@@ -206,7 +210,8 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
     _check_sequences(policy_logprob, proposal_logprob, target_logscore)
     div = get_divergence(divergence)
     base = _resolve_baseline(baseline)
-    if C.should_validate(validate, policy_logprob):
+    check = C.should_validate(validate, policy_logprob)
+    if check:
         _check_values(policy_logprob, proposal_logprob, target_logscore)
         if not div.is_bounded_at_inf() and bool((target_logscore == -math.inf).any()):
             raise ValueError(f"target_logscore: contains -inf (a sample with P(x) = 0), where f'(t) of the unbounded "
@@ -219,15 +224,16 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
         from .. import _cuda
 
         mode, value = ("value", float(base)) if isinstance(base, float) else (base, 0.0)
-        coef, lz, weights, ess, b = _cuda.coefficients(lpi, lq, lP, div.name, None, _resolve_log_z(log_z, lpi),
-                                                       mode, value)
+        lz = _resolve_log_z(log_z, lpi, check)
+        coef, lz, weights, ess, b = _cuda.coefficients(lpi, lq, lP, div.name, None, lz, mode, value)
         return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
     if be == "triton":
         mode, value = (1, 0.0) if base == "batch" else (0, 0.0) if base == "none" else (2, float(base))
-        coef, weights, scal = torch.ops.fdpg.seq_coefficients(lpi, lq, lP, _resolve_log_z(log_z, lpi),
+        coef, weights, scal = torch.ops.fdpg.seq_coefficients(lpi, lq, lP, _resolve_log_z(log_z, lpi, check),
                                                               list(divergence_spec(div)), mode, value)
         return FDPGCoefficients(coef=coef, log_z=scal[0], weights=weights, ess=scal[1], baseline=scal[2])
-    coef, lz, weights, ess, b = reference.fdpg_coefficients(lpi, lq, lP, div, _resolve_log_z(log_z, lpi), base)
+    lz = _resolve_log_z(log_z, lpi, check)
+    coef, lz, weights, ess, b = reference.fdpg_coefficients(lpi, lq, lP, div, lz, base)
     return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
 
 
@@ -241,19 +247,20 @@ def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.T
     ``ess``, ``log_z``.
     """
     _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
-    if C.should_validate(validate, policy_logprob):
+    check = C.should_validate(validate, policy_logprob)
+    if check:
         _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     lpi, lq, lP, la = _float(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     be = _resolve(backend, lpi)
     if be == "cuda":
         from .. import _cuda
 
-        return _cuda.estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
+        return _cuda.estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi, check))
     if be == "triton":
-        v = torch.ops.fdpg.seq_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
+        v = torch.ops.fdpg.seq_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi, check))
         out = {"kl_p_pi": v[0], "kl_pi_p": v[1], "tv": v[2], "js": v[3]}
         if la is not None:
             out["kl_pi_a"] = v[4]
         out.update(ess=v[5], log_z=v[6])
         return out
-    return reference.divergence_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi))
+    return reference.divergence_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi, check))
