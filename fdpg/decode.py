@@ -173,7 +173,9 @@ class _FastDecoder(Decoder):
     fast = True
 
     def __init__(self, model, batch_size: int, max_len: int, *, static: bool = False, attention: str = "auto",
-                 record: bool = False):
+                 record: bool = False, cuda_graph: bool = False):
+        if cuda_graph and not static:
+            raise ValueError("cuda_graph: replaying a step from a CUDA graph needs static=True (fixed shapes)")
         if attention not in ("auto", "sdpa", "broadcast"):
             raise ValueError(f"attention: expected 'auto', 'sdpa' or 'broadcast', got {attention!r}")
         if static and attention == "broadcast":
@@ -192,6 +194,8 @@ class _FastDecoder(Decoder):
         self.pos = None             # [B, S] long: the position of every slot of every row
         self._bias_cache = None     # the additive attention mask of the pass over every position
         self.record = record        # keep every GEMM's output for replay_logits (the slab path of families that can)
+        self.cuda_graph = cuda_graph and self.dev.type == "cuda"
+        self._graph = None          # the captured step, its input and output buffers
         self.recording = False      # decided at prefill
 
     # ---- cache and attention ----------------------------------------------------------------------------------
@@ -361,8 +365,37 @@ class _FastDecoder(Decoder):
             if tokens.numel() != self.B:
                 raise ValueError(f"tokens: expected [{self.B}] (one per row), got {list(tokens.shape)}")
             tokens = tokens.reshape(self.B)
-        out = self._step(tokens)
+        out = self._graph_step(tokens) if self.cuda_graph else self._step(tokens)
         self.n += 1
+        return out
+
+    def _graph_step(self, tokens):
+        """:meth:`_step` replayed from a CUDA graph captured at the first step (one launch per token instead of a
+        few hundred). The graph reads the live weights and writes the cache in place, so it stays valid for the
+        whole pass; a capture that fails falls back to the eager step (with a warning)."""
+        if self._graph is None:
+            tok, n0 = tokens.clone(), self._n_dev.clone()
+            try:
+                side = torch.cuda.Stream(self.dev)
+                side.wait_stream(torch.cuda.current_stream(self.dev))
+                with torch.cuda.stream(side):        # warm-up: lazy initialisations happen outside the capture
+                    self._step(tok)
+                torch.cuda.current_stream(self.dev).wait_stream(side)
+                self._n_dev.copy_(n0)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self._step(tok)
+            except Exception as e:  # an op that cannot be captured: decode eagerly
+                import warnings
+
+                warnings.warn(f"fdpg.decode: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
+                self.cuda_graph = False
+                self._n_dev.copy_(n0)
+                return self._step(tokens)
+            self._graph = (graph, tok, out)
+        graph, tok, out = self._graph
+        tok.copy_(tokens)
+        graph.replay()
         return out
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -733,14 +766,18 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 def decoder(model, batch_size: int, max_len: int, *, fast: bool = True, static: bool = False,
-            attention: str = "auto", record: bool = False) -> Decoder:
+            attention: str = "auto", record: bool = False, cuda_graph: bool = False) -> Decoder:
     """A :class:`Decoder` for ``batch_size`` rows of at most ``max_len`` positions (context included): the fast
     path when ``fast`` and :func:`fast_path_reason` finds none against it, else Hugging Face's forward.
 
     ``static``: fixed shapes per step (see the module docstring). ``attention`` of a single query: "auto"
     ("broadcast" on the CPU without autocast, "sdpa" elsewhere), "sdpa" or "broadcast" (the "slab" layout).
+    ``record``: keep the pass for :meth:`_FastDecoder.replay_logits` (the CPU slab path). ``cuda_graph`` (with
+    ``static``, on a GPU): every step after the first replays one CUDA graph. Under autocast, enter it with
+    ``cache_enabled=False`` around each step (a cached cast would outlive its memory in the graph).
     """
     if fast and fast_path_reason(model) is None:
         cls = _GPT2 if type(model).__name__ == "GPT2LMHeadModel" else _Llama
-        return cls(model, batch_size, max_len, static=static, attention=attention, record=record)
+        return cls(model, batch_size, max_len, static=static, attention=attention, record=record,
+                   cuda_graph=cuda_graph)
     return _HFDecoder(model)

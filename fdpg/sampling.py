@@ -74,7 +74,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
            context_ids: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
            context_index: torch.Tensor | None = None, generator: torch.Generator | None = None,
            autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1, fast: bool = True,
-           record: bool = False) -> Samples:
+           record: bool = False, cuda_graph: bool | None = None) -> Samples:
     """Draw ``batch_size`` sequences by ancestral sampling with the KV cache.
 
     Args:
@@ -92,6 +92,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             compute the same distribution and consume the generator alike.
         record: keep the pass's GEMM outputs so that ``Samples.replay`` can stand in for the model's scoring pass
             (the fast path on the CPU in float32/64; elsewhere ``replay`` is None).
+        cuda_graph: on a GPU, decode with a static cache and replay each step from one CUDA graph (default: on a
+            GPU, for the fast path's families).
 
     Returns:
         :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
@@ -109,13 +111,15 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         raise ValueError(f"context_ids: expected {batch_size} rows (batch_size), got {B}")
     if max_length < 1:
         raise ValueError(f"max_length: expected >= 1, got {max_length}")
-    amp = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
+    # no autocast cache: a step's casts must be made inside it (a CUDA graph replays them)
+    amp = (torch.autocast(dev.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
            else contextlib.nullcontext())
     pad = 0 if eos_token_id is None else eos_token_id
     done = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     any_done = False                      # known on the host at the stop checks; until then nothing to mask
     tokens, lps = [], []
-    dec = decoder(model, B, P + max_length - 1, fast=fast, record=record)
+    graph = dev.type == "cuda" if cuda_graph is None else bool(cuda_graph) and dev.type == "cuda"
+    dec = decoder(model, B, P + max_length - 1, fast=fast, record=record, static=graph, cuda_graph=graph)
     with amp:
         logits = dec.prefill(context_ids, context_mask)
     for t in range(max_length):

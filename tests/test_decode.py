@@ -348,3 +348,37 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="n_positions"):
         sample(short, 4, 6, eos_token_id=None, context_ids=torch.ones(4, 2, dtype=torch.long))
     assert sample(short, 4, 4, eos_token_id=None, context_ids=torch.ones(4, 2, dtype=torch.long)).tokens.shape == (4, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_steps_equal_eager_steps(name, amp):
+    """Steps replayed from a CUDA graph give the eager steps' logits, and sampling through them the same draws."""
+    import contextlib
+    import copy
+
+    model = copy.deepcopy(get(name)).cuda()
+    B, T = 6, 5
+    ids, mask = contexts("padded", B)
+    ids, mask = ids.cuda(), mask.cuda()
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5)).cuda()
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if amp else contextlib.nullcontext
+    runs = []
+    for kw in (dict(), dict(static=True, cuda_graph=True)):
+        dec = decoder(model, B, P + T, **kw)
+        with torch.no_grad():
+            with ctx():
+                out = [dec.prefill(ids, mask).clone()]
+            for t in range(T):
+                with ctx():
+                    out.append(dec.step(toks[:, t]).clone())
+        runs.append(torch.stack(out, 1).float())
+    assert dec._graph is not None and dec.cuda_graph                  # captured, not fallen back
+    tol = 3e-2 * runs[0].abs().max().item() if amp else 2e-5
+    torch.testing.assert_close(runs[1], runs[0], atol=tol, rtol=0)
+    draws = [sample(model, B, 8, eos_token_id=0, context_ids=ids, context_mask=mask, cuda_graph=g,
+                    generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
+    assert torch.equal(draws[0].tokens, draws[1].tokens)
+    torch.testing.assert_close(draws[0].logprob, draws[1].logprob, atol=1e-4, rtol=0)
