@@ -424,6 +424,34 @@ def run_peer_subprocess(name: str, args) -> dict:
     return {"peer": name, "ok": False, "error": f"worker exited with {p.returncode}: {tail}"}
 
 
+def largest_batch(name: str, args, start: int, limit: int) -> dict:
+    """The largest batch for which peer ``name`` runs a training step (one warm-up and one timed step in a fresh
+    process): doubling from ``start`` up to ``limit``, then bisecting to within 1/16. Returns ``{"batch", "peak",
+    "error"}``: the batch (0: not even ``start``), its peak memory, and why the first larger batch failed."""
+    def attempt(b):
+        a = argparse.Namespace(**{**vars(args), "batch": b, "steps": 1, "warmup": 1})
+        print(f"[e2e] {name}: batch {b} ...", file=sys.stderr, flush=True)
+        return run_peer_subprocess(name, a)
+
+    good, bad, b = None, None, start
+    while b <= limit:
+        r = attempt(b)
+        if not r.get("ok"):
+            bad = (b, r)
+            break
+        good, b = (b, r), b * 2
+    while good is not None and bad is not None and bad[0] - good[0] > max(1, good[0] // 16):
+        mid = (good[0] + bad[0]) // 2
+        r = attempt(mid)
+        if r.get("ok"):
+            good = (mid, r)
+        else:
+            bad = (mid, r)
+    return {"batch": good[0] if good else 0, "peak": good[1].get("peak_mem_bytes") if good else None,
+            "samples_per_s": good[1].get("samples_per_s") if good else None,
+            "error": bad[1].get("error", "")[-300:] if bad else f"none up to --max-batch-limit {limit}"}
+
+
 # ---- the table ---------------------------------------------------------------------------------------------
 
 def _fmt(v: float) -> str:
@@ -497,6 +525,10 @@ def main(argv=None):
                     help="run every peer this many times, round-robin, and report each peer's best run (a shared "
                          "machine's load changes under a benchmark)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    ap.add_argument("--max-batch", action="store_true",
+                    help="instead of timing: find every peer's largest batch that fits (GPU; from --batch, doubling "
+                         "then bisecting, each try in a fresh process)")
+    ap.add_argument("--max-batch-limit", type=int, default=1 << 14, help="the largest batch tried (default 16384)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
@@ -517,6 +549,21 @@ def main(argv=None):
         ap.error(f"--peers: unknown {', '.join(bad)}; expected some of straightforward, disco, fdpg")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.max_batch:
+        if dev.type != "cuda":
+            ap.error("--max-batch: runs on a GPU (out-of-memory on the CPU is the kernel killing the process)")
+        print(f"largest batch, {sh.name}: {sh.describe()}, {torch.cuda.get_device_name(dev)} "
+              f"({torch.cuda.get_device_properties(dev).total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
+              f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        print("| peer | largest batch | peak memory GiB | samples/s there | the next batch tried failed with |")
+        print("|---|---|---|---|---|")
+        for n in names:
+            r = largest_batch(n, args, sh.batch, args.max_batch_limit)
+            peak = "-" if r["peak"] is None else f"{r['peak'] / 2**30:.1f}"
+            sps = "-" if r["samples_per_s"] is None else _fmt(r["samples_per_s"])
+            err = r["error"].strip().splitlines()[-1] if r["error"].strip() else ""
+            print(f"| {n} | {r['batch']} | {peak} | {sps} | {err[:120]} |", flush=True)
+        return 0
     load0 = os.getloadavg()
     t_start = datetime.datetime.now().isoformat(timespec="seconds")
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything owed on a GPU, in parts that each fit one 10-minute device call (prepared on the CPU; see
+# benchmarks/RESULTS.md for where each figure goes). Run from the repository root:
+#
+#   bash benchmarks/gpu_session.sh setup tests       # build the CUDA extension, run the GPU tests
+#   bash benchmarks/gpu_session.sh kernels           # bench_logprobs (+ --stats), bench_linear, bench_qlearning
+#   bash benchmarks/gpu_session.sh e2e               # e2e gpt2-small (lengths 64/128/256) and llama-1b
+#   bash benchmarks/gpu_session.sh memory            # the largest batch of each peer, gpt2-small and llama-1b
+#
+# Each part writes <part>.log (and JSON where the tool has it) under $OUT (default ./gpu-out). A part's commands
+# have their own time limits, so that a slow one leaves the others their turn.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+export TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error
+
+run() {  # run <seconds> <log> <command...>: one command, its time limit, its output appended to the part's log
+  local limit=$1 log=$2
+  shift 2
+  echo "\$ $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "[rc $rc, $((SECONDS - t0)) s]" | tee -a "$log"
+}
+
+part_setup() {
+  local log=$OUT/setup.log
+  { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv;
+    $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, 'transformers', transformers.__version__)"; } >>"$log" 2>&1
+  FDPG_BUILD_CUDA=1 run 400 "$log" $PY -m pip install -e . --no-deps --no-build-isolation
+  run 60 "$log" $PY -c "import fdpg._cuda as c; print('cuda extension:', c.available(), c.load_error() or '')"
+}
+
+part_tests() {
+  local log=$OUT/tests.log
+  run 420 "$log" $PY -m pytest -q -m gpu -x -p no:cacheprovider
+  tail -3 "$log"
+}
+
+part_kernels() {
+  local log=$OUT/kernels.log
+  run 150 "$log" $PY benchmarks/bench_logprobs.py --stats
+  run 240 "$log" $PY benchmarks/bench_linear.py
+  run 150 "$log" $PY benchmarks/bench_qlearning.py --json "$OUT/qlearning.json"
+}
+
+part_e2e() {
+  local log=$OUT/e2e.log
+  for L in 64 128 256; do
+    run 150 "$log" $PY benchmarks/e2e.py --config gpt2-small --length "$L" --steps 10 --json "$OUT/e2e-gpt2-$L.json"
+  done
+  run 150 "$log" $PY benchmarks/e2e.py --config llama-1b --steps 5 --json "$OUT/e2e-llama-1b.json"
+}
+
+part_memory() {
+  local log=$OUT/memory.log
+  run 280 "$log" $PY benchmarks/e2e.py --config gpt2-small --length 256 --max-batch
+  run 280 "$log" $PY benchmarks/e2e.py --config llama-1b --max-batch
+}
+
+[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+for p in "$@"; do
+  case $p in
+    setup|tests|kernels|e2e|memory) "part_$p" ;;
+    *) echo "unknown part: $p (expected setup, tests, kernels, e2e, memory)"; exit 2 ;;
+  esac
+done
