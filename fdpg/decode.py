@@ -27,6 +27,7 @@ import torch.nn.functional as F
 __all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
 
 _BMM_MAX_LEN = 512          # CPU attention by batched GEMMs up to this many positions (the scores are [B, H, s, s])
+RECORD_MAX_BYTES = 2 << 30  # record a sampling pass for its replay only when that takes at most this much memory
 
 
 def _exact(module, *names) -> bool:
@@ -330,7 +331,8 @@ class _FastDecoder(Decoder):
             raise ValueError(f"context_ids: expected [{self.B}, 1..{self.S}], got {list(context_ids.shape)}")
         self.n = 0
         self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
-        self.recording = self.record and self.slab and bool(self._recorded_gemms())
+        self.recording = (self.record and self.slab and bool(self._recorded_gemms())
+                          and self._record_bytes() <= RECORD_MAX_BYTES)
         self.P, self._versions = P, None
         if context_mask is None:
             self.valid = None
@@ -468,6 +470,11 @@ class _FastDecoder(Decoder):
         return torch.addmm(self.head_b, h, self.head_w.t(), out=out)
 
     # ---- recording the sampling pass, and replaying it as the policy's scoring pass -------------------------
+
+    def _record_bytes(self) -> int:
+        """What recording adds to the cache: every recorded output and the logits, at every slot."""
+        width = self.n_layer * sum(self._recorded_gemms().values()) + self.head_w.shape[0]
+        return self.S * self.B * width * torch.empty((), dtype=self.wdtype).element_size()
 
     def _recorded_gemms(self) -> dict:
         """``{name: output width}`` of the GEMMs a family records besides QKV (in the slab) and the logits; empty

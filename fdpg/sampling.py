@@ -91,7 +91,9 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             (GPT-2, Llama); other models, and False, use the model's forward with Hugging Face's cache. Both
             compute the same distribution and consume the generator alike.
         record: keep the pass's GEMM outputs so that ``Samples.replay`` can stand in for the model's scoring pass
-            (the fast path on the CPU in float32/64; elsewhere ``replay`` is None).
+            (the fast path on the CPU in float32/64, when the recording takes at most
+            ``fdpg.decode.RECORD_MAX_BYTES``: B x length x (the GEMM outputs of every layer + the vocabulary)
+            values; elsewhere ``replay`` is None).
         cuda_graph: on a GPU, decode with a static cache and replay each step from one CUDA graph (default: on a
             GPU, for the fast path's families).
 

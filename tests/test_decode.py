@@ -169,6 +169,16 @@ def test_replay_is_void_after_a_weight_update_and_absent_where_nothing_is_record
     dec.prefill(torch.ones(3, 1, dtype=torch.long), None)
     dec.seal()
     assert not dec.can_replay
+    # a recording larger than the budget is not kept (the scoring pass then runs a forward)
+    import fdpg.decode as D
+
+    need = decoder(model, 4, 5, record=True)._record_bytes()
+    assert need == 5 * 4 * (1 * (16 + 64 + 16 + 64) + V) * 4
+    old, D.RECORD_MAX_BYTES = D.RECORD_MAX_BYTES, need - 1
+    try:
+        assert sample(model, 4, 5, eos_token_id=None, generator=g, record=True).replay is None
+    finally:
+        D.RECORD_MAX_BYTES = old
 
 
 def copy_to(model, dtype):
