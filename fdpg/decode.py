@@ -14,10 +14,16 @@ meta weights take the generic path (the model's forward with Hugging Face's dyna
 
 On a GPU the cache is ``[layers, B, max_len, kv_heads, head_dim]`` and attention is
 ``scaled_dot_product_attention``; ``static=True`` gives every step fixed shapes and no host-side state that
-changes per token (attention over the whole cache under a mask, writes at a device-side slot index), for CUDA
-graphs or ``torch.compile(mode="reduce-overhead")``. On the CPU (by default) the cache is a feature-major "slab"
-(see :class:`_FastDecoder`) that the QKV projection writes in place and single-query attention reads with two
-broadcast products, several times cheaper than SDPA's per-(row, head) loop at decoding sizes.
+changes per token (attention over the whole cache under a mask, writes at a device-side slot index), and
+``cuda_graph=True`` replays every step after the first from one captured CUDA graph. On the CPU (by default) the
+cache is a feature-major "slab" (see :class:`_FastDecoder`) that the QKV projection writes in place and
+single-query attention reads with two broadcast products, several times cheaper than SDPA's per-(row, head) loop at
+decoding sizes.
+
+The same per-family code gives the scoring pass (:func:`hidden_states`: every position, with autograd, no host
+sync) and, on the CPU slab path, a *replay*: ``decoder(..., record=True)`` keeps every GEMM's output of the sampling
+pass, and :meth:`_FastDecoder.replay_logits` rebuilds the policy's scoring pass from them with autograd (only the
+cheap ops recomputed), so that an on-policy step runs no second forward pass of the policy.
 """
 from __future__ import annotations
 
@@ -115,7 +121,7 @@ class Decoder:
     """
 
     fast = False
-    can_replay = False      # see _FastDecoder.replay_logits
+    recording = can_replay = False      # see _FastDecoder.replay_logits
 
     def seal(self) -> None:
         """The sampling pass is over (see :meth:`_FastDecoder.seal`)."""

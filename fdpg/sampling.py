@@ -42,7 +42,7 @@ class Samples:
     context_ids: torch.Tensor
     context_mask: torch.Tensor | None
     context_index: torch.Tensor
-    replay: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    replay: Callable[..., torch.Tensor | None] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -148,8 +148,14 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     T = tokens.shape[1]
     return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
                    context_ids=context_ids, context_mask=context_mask, context_index=context_index,
-                   replay=(lambda check=True: dec.replay_logits(T, check=False) if not check or dec.can_replay
-                           else None) if dec.can_replay else None)
+                   replay=_replayer(dec, T) if dec.recording else None)
+
+
+def _replayer(dec, T: int) -> Callable[..., torch.Tensor | None]:
+    """``Samples.replay``: the recorded pass's logits with autograd, or None once the weights have changed."""
+    def replay(check: bool = True) -> torch.Tensor | None:
+        return dec.replay_logits(T, check=False) if not check or dec.can_replay else None
+    return replay
 
 
 def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
