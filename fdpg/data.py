@@ -6,9 +6,10 @@ Offline JSONL, one object per line (the format ``fdpg sample`` writes)::
     {"tokens": [5, 2, 0], "logprob": -4.21, "context": [0], "reward": 1.0}
 
 ``tokens``: the continuation, EOS included where it ended at one; ``logprob``: log q(x) under the model that drew
-it; ``context`` (optional): its context token ids; ``reward`` (optional). A tensor file (``.pt``) holds a dict with
-``tokens`` ``[N, T]`` long (padded), ``logprob`` ``[N]``, and optionally ``mask`` ``[N, T]`` (else built up to the
-first EOS), ``reward`` ``[N]``.
+it (f-DPG's importance weights need it; Q-learning does not read it, and its files may leave it out); ``context``
+(optional): its context token ids; ``reward`` (optional). A tensor file (``.pt``) holds a dict with ``tokens``
+``[N, T]`` long (padded), ``logprob`` ``[N]``, and optionally ``mask`` ``[N, T]`` (else built up to the first EOS),
+``reward`` ``[N]``.
 
 Prompts: a list in the config (strings, or lists of token ids), a ``.txt`` file (one prompt a line; needs a
 tokenizer), or a ``.jsonl`` file of ``{"tokens": [...]}`` or ``{"text": "..."}`` objects.
@@ -30,8 +31,9 @@ __all__ = ["OfflineData", "load_offline", "load_prompts"]
 
 @dataclass
 class OfflineData:
-    """tokens ``[N, T]`` long, mask ``[N, T]`` bool, logprob ``[N]`` float32 (log q), context_index ``[N]`` long
-    into ``contexts`` (distinct token-id lists; ``[[bos]]`` when the file has none), reward ``[N]`` or None."""
+    """tokens ``[N, T]`` long, mask ``[N, T]`` bool, logprob ``[N]`` float32 (log q; NaN where a file read with
+    ``need_logprob=False`` has none), context_index ``[N]`` long into ``contexts`` (distinct token-id lists;
+    ``[[bos]]`` when the file has none), reward ``[N]`` or None."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -88,21 +90,24 @@ def _number(row, name, path, line, key, required):
 
 
 def load_offline(path: str, *, vocab_size: int, max_length: int, eos_token_id: int | None, bos_token_id: int = 0,
-                 key: str = "offline") -> OfflineData:
-    """Read and check an offline batch (errors name the file and line)."""
+                 key: str = "offline", need_logprob: bool = True) -> OfflineData:
+    """Read and check an offline batch (errors name the file and line). ``need_logprob=False`` (Q-learning) lets
+    ``logprob`` be absent (read as NaN: nothing may use it); where present it is checked all the same."""
     if not os.path.exists(path):
         raise ConfigError(key, f"no offline file at {path!r}")
     pad = 0 if eos_token_id is None else eos_token_id
     if path.endswith((".pt", ".pth")):
-        return _load_tensor_file(path, vocab_size, max_length, eos_token_id, bos_token_id, key)
+        return _load_tensor_file(path, vocab_size, max_length, eos_token_id, bos_token_id, key, need_logprob)
     seqs, lps, rewards, ctx_of, contexts = [], [], [], [], {}
     with open(path) as f:
         for i, row in _jsonl_rows(f, path, key):
             if "tokens" not in row:
                 raise _bad(path, i, "missing 'tokens'", key)
             _check_tokens(row["tokens"], path, i, key, vocab_size, max_length, eos_token_id)
-            lp = _number(row, "logprob", path, i, key, True)
-            if not (lp <= 0 and lp > -math.inf):
+            lp = _number(row, "logprob", path, i, key, need_logprob)
+            if lp is None:
+                lp = math.nan
+            elif not (lp <= 0 and lp > -math.inf):
                 raise _bad(path, i, f"'logprob' must be a finite log-probability <= 0, got {lp}", key)
             r = _number(row, "reward", path, i, key, False)
             if r is not None and not math.isfinite(r):
@@ -129,14 +134,14 @@ def load_offline(path: str, *, vocab_size: int, max_length: int, eos_token_id: i
                        None if rewards[0] is None else torch.tensor(rewards, dtype=torch.float32))
 
 
-def _load_tensor_file(path, vocab_size, max_length, eos, bos, key) -> OfflineData:
+def _load_tensor_file(path, vocab_size, max_length, eos, bos, key, need_logprob=True) -> OfflineData:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise _bad(path, None, f"cannot read a tensor file: {type(e).__name__}: {e}", key) from None
-    if not isinstance(d, dict) or "tokens" not in d or "logprob" not in d:
+    if not isinstance(d, dict) or "tokens" not in d or ("logprob" not in d and need_logprob):
         raise _bad(path, None, "expected a dict with 'tokens' [N, T] and 'logprob' [N]", key)
-    tokens, lp = d["tokens"], d["logprob"]
+    tokens, lp = d["tokens"], d.get("logprob")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
         raise _bad(path, None, "'tokens' must be an integer tensor [N, T]", key)
     N, T = tokens.shape
@@ -144,9 +149,11 @@ def _load_tensor_file(path, vocab_size, max_length, eos, bos, key) -> OfflineDat
         raise _bad(path, None, "empty: no samples", key)
     if T > max_length:
         raise _bad(path, None, f"sequences of {T} tokens, longer than max_length ({max_length})", key)
-    if not isinstance(lp, torch.Tensor) or lp.shape != (N,) or not lp.dtype.is_floating_point:
+    if lp is None:
+        lp = torch.full((N,), math.nan)
+    elif not isinstance(lp, torch.Tensor) or lp.shape != (N,) or not lp.dtype.is_floating_point:
         raise _bad(path, None, f"'logprob' must be a float tensor [{N}]", key)
-    if not bool((torch.isfinite(lp) & (lp <= 0)).all()):
+    elif not bool((torch.isfinite(lp) & (lp <= 0)).all()):
         raise _bad(path, None, "'logprob' must hold finite log-probabilities <= 0", key)
     mask = d.get("mask")
     mask = fdpg.completion_mask(tokens, eos) if mask is None else mask.bool()

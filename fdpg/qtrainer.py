@@ -64,7 +64,10 @@ class QTrainer(Trainer):
     Before training it stops (:class:`~fdpg.config.ConfigError`) on a bad offline file (naming the file and line)
     and when no reward exists: the file's ``reward`` column is used where present, else ``target.reward`` computed
     on the batch once. The exact metrics measure against the config's target ``p_beta(x) ∝ a(x) exp(R(x)/beta)``.
+    The file's ``logprob`` column is optional (Q-learning needs no importance weights).
     """
+
+    OFFLINE_LOGPROB = False
 
     def __init__(self, config: Config, *, resume: bool = False, log=None):
         if config.algorithm not in Q_ALGORITHMS:

@@ -93,6 +93,8 @@ class Trainer:
     when there is none). ``log`` receives one-line messages (default: stderr).
     """
 
+    OFFLINE_LOGPROB = True      # an offline file must give log q(x) of every row (importance weights)
+
     def __init__(self, config: Config, *, resume: bool = False, log=None):
         self.cfg = cfg = config
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
@@ -147,7 +149,8 @@ class Trainer:
         self.offline: OfflineData | None = None
         if cfg.offline is not None:
             self.offline = load_offline(cfg.offline, vocab_size=self.V, max_length=cfg.max_length,
-                                        eos_token_id=self.eos, bos_token_id=self.bos)
+                                        eos_token_id=self.eos, bos_token_id=self.bos,
+                                        need_logprob=self.OFFLINE_LOGPROB)
             self.contexts = self.offline.contexts
         elif cfg.prompts is not None:
             self.contexts = load_prompts(cfg.prompts, tokenizer=self.tokenizer, vocab_size=self.V)

@@ -3,6 +3,7 @@ batch written by `fdpg sample`, convergence to p_beta on a listed space, the two
 and offline Psi-learning) to one target, the Monte-Carlo dropout lower bound, the TD terms against the
 straightforward full-softmax implementation, the target network (Polyak, checkpointed, exact resume), bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -401,3 +402,25 @@ def test_td_terms_through_the_triton_kernels(work, small_batch, monkeypatch, kw)
     torch.testing.assert_close(got.targets[s.mask], ref.targets[s.mask], rtol=1e-4, atol=1e-4)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_offline_file_without_logprob_serves_q_learning_not_fdpg(work, batch):
+    """Q-learning reads no log q: its offline files may leave ``logprob`` out (JSONL and tensor files); f-DPG's
+    importance weights need it, and its trainer says which line lacks it."""
+    rows = [json.loads(line) for line in open(batch)][:256]
+    path = work / "no_logprob.jsonl"
+    path.write_text("".join(json.dumps({"tokens": r["tokens"], "reward": r["reward"]}) + "\n" for r in rows))
+    pt = work / "no_logprob.pt"
+    toks = torch.zeros(len(rows), 4, dtype=torch.long)
+    for i, r in enumerate(rows):
+        toks[i, :len(r["tokens"])] = torch.tensor(r["tokens"])
+    torch.save({"tokens": toks, "reward": torch.tensor([float(r["reward"]) for r in rows])}, pt)
+    for f in (path, pt):
+        run = train(psi_config(work, f"nolp-{f.suffix[1:]}", offline=str(f), steps=3, eval={"exact": False}),
+                    log=quiet)
+        m = metrics(run)
+        assert m[-1]["step"] == 3 and math.isfinite(m[-1]["td_loss"])
+    fdpg_cfg = {"prior": PRIOR, "max_length": 4, "target": REWARD, "divergence": "reverse_kl", "steps": 2,
+                "batch_size": 16, "offline": str(path), "progress": False, "output_dir": str(work / "nolp-fdpg")}
+    with pytest.raises(ConfigError, match="line 1: missing 'logprob'"):
+        train(fdpg_cfg, log=quiet)
