@@ -786,8 +786,9 @@ def decoder(model, batch_size: int, max_len: int, *, fast: bool = True, static: 
     ``static``: fixed shapes per step (see the module docstring). ``attention`` of a single query: "auto"
     ("broadcast" on the CPU without autocast, "sdpa" elsewhere), "sdpa" or "broadcast" (the "slab" layout).
     ``record``: keep the pass for :meth:`_FastDecoder.replay_logits` (the CPU slab path). ``cuda_graph`` (with
-    ``static``, on a GPU): every step after the first replays one CUDA graph. Under autocast, enter it with
-    ``cache_enabled=False`` around each step (a cached cast would outlive its memory in the graph).
+    ``static``, on a GPU): every step after the first replays one CUDA graph, and returns the same logits tensor
+    each time (read it, or clone it, before the next step). Under autocast, enter it with ``cache_enabled=False``
+    around each step (a cached cast would outlive its memory in the graph).
     """
     if fast and fast_path_reason(model) is None:
         cls = _GPT2 if type(model).__name__ == "GPT2LMHeadModel" else _Llama
