@@ -340,6 +340,8 @@ class _FastDecoder(Decoder):
         self.recording = (self.record and self.slab and bool(self._recorded_gemms())
                           and self._record_bytes() <= RECORD_MAX_BYTES)
         self.P, self._versions = P, None
+        if self.slab and self.kv is None:
+            self._alloc_slab()
         if context_mask is None:
             self.valid = None
             pos = torch.arange(P, device=self.dev).expand(B, P)
@@ -494,6 +496,17 @@ class _FastDecoder(Decoder):
         if self._prefilling:
             return self._keep(name, i, torch.addmm(bias, h, w))
         return torch.addmm(bias, h, w, out=self._rec[name][i][self.n])
+
+    def _linear(self, name: str, i: int, lin, h):
+        """``lin(h)`` (``h [rows, in]``, a Linear's ``weight [out, in]``), recorded like :meth:`_gemm`."""
+        if not self.recording:
+            return F.linear(h, lin.weight, lin.bias)
+        if self._prefilling:
+            return self._keep(name, i, F.linear(h, lin.weight, lin.bias))
+        out = self._rec[name][i][self.n]
+        if lin.bias is None:
+            return torch.mm(h, lin.weight.t(), out=out)
+        return torch.addmm(lin.bias, h, lin.weight.t(), out=out)
 
     def _keep(self, name: str, i: int, y):
         """Record ``y`` (``[B * P, width]`` in the prefill, ``[B, width]`` in a step) when recording."""
@@ -689,8 +702,8 @@ class _Llama(_FastDecoder):
         _, qp, kp, vp = self.blocks[i][:4]
         B, H, Hkv, hd = self.B, self.n_head, self.n_kv, self.hd
         cos, sin = self._rope(s)
-        q = F.linear(h, qp.weight, qp.bias).view(B, s, H, hd)
-        k = F.linear(h, kp.weight, kp.bias).view(B, s, Hkv, hd)
+        q = self._keep("q", i, F.linear(h, qp.weight, qp.bias)).view(B, s, H, hd)
+        k = self._keep("k", i, F.linear(h, kp.weight, kp.bias)).view(B, s, Hkv, hd)
         v = F.linear(h, vp.weight, vp.bias).view(B, s, Hkv, hd)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
@@ -701,19 +714,46 @@ class _Llama(_FastDecoder):
         _linear_t(qp, h, slot[:D])
         _linear_t(kp, h, slot[D:D + Dkv])
         _linear_t(vp, h, slot[D + Dkv:])
+        if self.recording:                                          # q and k before RoPE
+            self._keep("q", i, slot[:D].t())
+            self._keep("k", i, slot[D:D + Dkv].t())
         qk = slot[:D + Dkv].view(-1, hd, self.B)                  # q's and k's heads together
         r = torch.roll(qk, hd // 2, 1)
         qk.mul_(cos).addcmul_(r, sin)
 
     def _attn_out(self, i, a, x):
         op = self.blocks[i][4]
-        return x + F.linear(a, op.weight, op.bias)
+        return x + self._linear("o", i, op, a)
 
     def _mlp(self, i, x):
         _, _, _, _, _, n2, gp, up, act, dp = self.blocks[i]
         h = _rms(x, n2)
-        return x + F.linear(act(F.linear(h, gp.weight, gp.bias)) * F.linear(h, up.weight, up.bias),
-                            dp.weight, dp.bias)
+        return x + self._linear("down", i, dp, act(self._linear("gate", i, gp, h)) * self._linear("up", i, up, h))
+
+    def _recorded_gemms(self):
+        F_ = self.blocks[0][6].weight.shape[0]
+        return {"q": self.D, "k": self.Dkv, "o": self.d, "gate": F_, "up": F_, "down": self.d}
+
+    def _replay_embed(self, ids):
+        return F.embedding(ids, self.emb)
+
+    def _replay_layer(self, i, x, s):
+        """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (q and k before RoPE; v from the slab)."""
+        n1, qp, kp, vp, op, n2, gp, up, act, dp = self.blocks[i]
+        B, H, Hkv, hd, D, Dkv = self.B, self.n_head, self.n_kv, self.hd, self.D, self.Dkv
+        rec = {k: v[i, :s].transpose(0, 1) for k, v in self._rec.items()}
+        h = _rms(x, n1)
+        cos, sin = self.cos[:, :s, None], self.sin[:, :s, None]
+        q = _Replay.apply(h, qp.weight, qp.bias, rec["q"], True).view(B, s, H, hd)
+        k = _Replay.apply(h, kp.weight, kp.bias, rec["k"], True).view(B, s, Hkv, hd)
+        v = _Replay.apply(h, vp.weight, vp.bias, self._slots[i][:s, D + Dkv:].permute(2, 0, 1), True)
+        a = self._attend_all(i, q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin,
+                             v.view(B, s, Hkv, hd)).view(B, s, D)
+        x = x + _Replay.apply(a, op.weight, op.bias, rec["o"], True)
+        h = _rms(x, n2)
+        g = act(_Replay.apply(h, gp.weight, gp.bias, rec["gate"], True)) * _Replay.apply(h, up.weight, up.bias,
+                                                                                        rec["up"], True)
+        return x + _Replay.apply(g, dp.weight, dp.bias, rec["down"], True)
 
     def _final_norm(self, h):
         return _rms(h, self.norm)
