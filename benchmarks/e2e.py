@@ -19,8 +19,9 @@ run and with the same thread count, the matmul rate at the model's GEMM shapes (
 memory copy bandwidth, and prints one table:
 
 - samples/s, tokens/s (generated tokens up to and including each EOS), step time;
-- the step split into sampling, scoring (policy + prior + target), coefficients (log Z, weights, f', baseline,
-  surrogate), backward, optimizer (clipping + AdamW) and other (the rest of the step);
+- the step split into sampling, policy scoring (its log-probs with grad), prior scoring (the prior's log-probs, the
+  target's b(x), and for fdpg the paired op that takes both models' log-probs), coefficients (log Z, weights, f',
+  baseline, surrogate), backward, optimizer (clipping + AdamW) and other (the rest of the step);
 - peak memory: on CPU the peak RSS above the RSS after imports (``/proc/self/status`` VmHWM, reset after the
   models are built), on GPU ``torch.cuda.max_memory_allocated``;
 - the floor of each phase and each figure as a multiple of it: forward/backward FLOPs at the measured matmul rate;
@@ -99,7 +100,8 @@ def floors(sh: P.Shape, matmul_rate: float, bandwidth: float, compute_bytes: int
     opt_bytes = 7 * n_params(sh) * param_bytes
     out = {
         "sampling": max(F / matmul_rate, sample_bytes / bandwidth),
-        "scoring": 2 * F / matmul_rate,
+        "policy scoring": F / matmul_rate,
+        "prior scoring": F / matmul_rate,
         "coefficients": None,
         "backward": 2 * F / matmul_rate,
         "optimizer": opt_bytes / bandwidth,
@@ -236,7 +238,9 @@ def measure(peer, sh: P.Shape, device: torch.device, steps: int, warmup: int, *,
 # ==================================================================================================================
 # fdpg row: run_fdpg drives fdpg.trainer.Trainer (Trainer(config), train_step()). Written against the trainer as it
 # stood on 2026-11-23; adjust here if its API changes. The trainer exposes no per-phase timings, so the phases are
-# taken by wrapping its methods: sampling = Trainer.next_batch, scoring = Trainer.score (policy + prior + target),
+# taken by wrapping its methods: sampling = Trainer.next_batch, prior scoring = Trainer.score (prior, target, the
+# paired op) less what is nested in it as policy scoring = the policy's forward (fdpg.models._logits/_hidden of the
+# policy) or the replay of its sampling pass (fdpg.decode's replay_logits),
 # coefficients = the rest of Trainer.batch_loss (log Z, fdpg_coefficients, surrogate), backward = Tensor.backward,
 # optimizer = clip_grad_norm_ + optimizer.step (step hooks); other = the rest of train_step (zero_grad, scheduler,
 # bookkeeping).
@@ -291,9 +295,32 @@ class FdpgPeer:
             setattr(obj, attr, f)
 
         timed(tr, "next_batch", "sampling", count=True)
-        timed(tr, "score", "scoring")
+        timed(tr, "score", "prior scoring")
+        self._time_policy_scoring()
         timed(tr, "batch_loss", "coefficients")
         self._ph.time_optimizer(tr.optimizer, current=lambda: me._ph)
+
+    def _time_policy_scoring(self):
+        """Nest the policy's share of Trainer.score in "policy scoring": its forward pass, or the replay."""
+        import fdpg.models as M
+        from fdpg.decode import _FastDecoder
+
+        me, policy = self, self.trainer.policy
+        for name in ("_logits", "_hidden"):
+            orig = getattr(M, name)
+
+            def f(model, *a, _orig=orig, **k):
+                if model is not policy:
+                    return _orig(model, *a, **k)
+                with me._ph("policy scoring"):
+                    return _orig(model, *a, **k)
+            setattr(M, name, f)
+        replay = _FastDecoder.replay_logits
+
+        def timed_replay(dec, *a, **k):
+            with me._ph("policy scoring"):
+                return replay(dec, *a, **k)
+        _FastDecoder.replay_logits = timed_replay
 
     @contextlib.contextmanager
     def _global_timers(self):
@@ -600,7 +627,8 @@ def main(argv=None):
           f"bandwidth {bw / 1e9:.1f} GB/s (read + write)")
     print(f"floors per step: forward pass {fl['_forward_flops'] / 1e9:.2f} GFLOP; sampling max("
           f"{1e3 * fl['_sampling_flop_s']:.1f} ms FLOPs, {1e3 * fl['_sampling_byte_s']:.1f} ms for "
-          f"{fl['_sampling_bytes'] / 1e9:.3f} GB of weights + KV cache); scoring 2 forwards; backward 2 forwards; "
+          f"{fl['_sampling_bytes'] / 1e9:.3f} GB of weights + KV cache); policy and prior scoring 1 forward each; "
+          f"backward 2 forwards; "
           f"optimizer {fl['_optimizer_bytes'] / 1e6:.0f} MB at the bandwidth; step {1e3 * fl['step']:.1f} ms")
     print(f"steps: {args.warmup} warm-up + {args.steps} timed per peer, each peer in its own process"
           + (f"; best of {args.repeat} round-robin runs per peer" if args.repeat > 1 else "") + "\n")

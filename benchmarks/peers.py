@@ -30,7 +30,7 @@ __all__ = ["Shape", "SHAPES", "PHASES", "Phases", "PeerUnavailable", "build_mode
            "completion_mask", "Straightforward", "Disco", "PEERS"]
 
 # The phases of one step, in order; "other" is the step's time not inside any of them.
-PHASES = ("sampling", "scoring", "coefficients", "backward", "optimizer", "other")
+PHASES = ("sampling", "policy scoring", "prior scoring", "coefficients", "backward", "optimizer", "other")
 
 
 # ---- shapes and models --------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def completion_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
 # ---- phase timer ----------------------------------------------------------------------------------------------
 
 class Phases:
-    """Exclusive wall-clock time per phase: ``with phases("scoring"): ...`` (or ``begin``/``end``); a phase entered
+    """Exclusive wall-clock time per phase: ``with phases("sampling"): ...`` (or ``begin``/``end``); a phase entered
     inside another is subtracted from the outer one. With ``sync`` (CUDA), the device is synchronised at every
     phase boundary so that time lands in the phase that queued the work; ``enabled=False`` makes every phase a
     no-op (the step is then timed as a whole)."""
@@ -260,10 +260,10 @@ class Straightforward:
                                        pad_token_id=sh.eos)
         tokens = ids[:, 1:]
         mask = completion_mask(tokens, sh.eos)
-        with ph("scoring"):
+        with ph("policy scoring"):
             lpi = (self._token_logprobs(self.policy, ids) * mask).sum(-1)
-            with torch.no_grad():
-                la = (self._token_logprobs(self.prior, ids) * mask).sum(-1)
+        with ph("prior scoring"), torch.no_grad():        # the prior, and the target's b(x)
+            la = (self._token_logprobs(self.prior, ids) * mask).sum(-1)
             hit = ((tokens == sh.constraint_token) & mask).any(-1)
             ok = ~hit if sh.negate else hit
             log_b = torch.where(ok, 0.0, -math.inf)
@@ -298,8 +298,9 @@ class Disco:
     context (the BOS token), ``n_samples_per_context = sampling_size = scoring_size = batch``.
 
     Phases are attributed by wrapping disco's methods: sampling = ``policy.sample_batch`` (HF generate and text
-    decoding), scoring = every ``log_score_batch`` (disco re-scores the samples under the proposal without grad,
-    then the target = prior x constraint, then the policy with grad), coefficients = the loss functor, backward =
+    decoding), policy scoring = the policy's ``log_score_batch`` calls (disco scores the samples under the proposal
+    without grad, then under the policy with grad: both are the policy here), prior scoring = the target's (prior x
+    constraint), coefficients = the loss functor, backward =
     the rest of ``_compute_gradient_batched``, optimizer = ``optimizer.step``; "other" holds disco's bookkeeping
     (log Z, divergence estimates, per-sample ``.item()`` metrics, scheduler, zero_grad).
 
@@ -361,8 +362,8 @@ class Disco:
             setattr(obj, attr, f)
 
         timed(self.model, "sample_batch", "sampling", count=True)
-        timed(self.model, "log_score_batch", "scoring")
-        timed(t.target, "log_score_batch", "scoring")
+        timed(self.model, "log_score_batch", "policy scoring")
+        timed(t.target, "log_score_batch", "prior scoring")
         timed(t, "_compute_gradient_batched", "backward")
         self._ph.time_optimizer(t.optimizer, current=lambda: me._ph)
         loss = t._loss
