@@ -266,6 +266,12 @@ class Parallel:
                         m(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
         barrier()
 
+    def all_done(self, local: bool) -> bool:
+        """Whether every rank's batch has ended (``local``: this rank's), agreed by all ranks (a collective)."""
+        if not self.distributed:
+            return local
+        return int(all_reduce_sum(torch.tensor(0 if local else 1, device=self.device))) == 0
+
     def score(self, inp, tokens, mask, *, fused: bool, grad: bool, policy_logits=None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log pi(x), log a(x))`` ``[B]`` float32 of the continuations: one forward pass of each model (the

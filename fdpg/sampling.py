@@ -74,7 +74,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
            context_ids: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
            context_index: torch.Tensor | None = None, generator: torch.Generator | None = None,
            autocast_dtype: torch.dtype | None = None, stop_check_every: int = 1, fast: bool = True,
-           record: bool = False, cuda_graph: bool | None = None) -> Samples:
+           record: bool = False, cuda_graph: bool | None = None,
+           all_done: Callable[[bool], bool] | None = None) -> Samples:
     """Draw ``batch_size`` sequences by ancestral sampling with the KV cache.
 
     Args:
@@ -87,6 +88,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         generator: the source of randomness (on the model's device).
         autocast_dtype: run the model under autocast to this dtype (e.g. bfloat16 on a GPU); log-probs are float32.
         stop_check_every: test every this many tokens whether all sequences have ended (a host sync).
+        all_done: at each such test, maps "all of this batch's sequences have ended" to whether to stop: for
+            processes that must run the same number of forward passes (FSDP), an agreement of every rank.
         fast: decode with :mod:`fdpg.decode`'s own forward and static KV cache for the model families it knows
             (GPT-2, Llama); other models, and False, use the model's forward with Hugging Face's cache. Both
             compute the same distribution and consume the generator alike.
@@ -137,7 +140,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             break
         if eos_token_id is not None and (t + 1) % stop_check_every == 0:
             n_done = int(done.sum())
-            if n_done == B:
+            if n_done == B if all_done is None else all_done(n_done == B):
                 break
             any_done = n_done > 0
         with amp:

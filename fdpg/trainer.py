@@ -300,9 +300,9 @@ class Trainer:
         return sample(model if model is not None else self.policy, n, self.cfg.max_length, eos_token_id=self.eos,
                       bos_token_id=self.bos, context_ids=ids, context_mask=mask, context_index=idx,
                       generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
-                      # FSDP: no early stop, so that every rank runs the same forward passes (collectives)
-                      stop_check_every=(self.cfg.max_length if self.dist.strategy == "fsdp"
-                                        else 1 if self.device.type == "cpu" else 16), record=record)
+                      stop_check_every=1 if self.device.type == "cpu" else 16, record=record,
+                      # FSDP: every rank runs the same forward passes (collectives): stop when all ranks are done
+                      all_done=self.dist.all_done if self.dist.strategy == "fsdp" else None)
 
     def _offline_indices(self, n: int) -> torch.Tensor:
         """The next ``n`` rows of the shuffled offline stream (reshuffled at each epoch; checkpointed state)."""

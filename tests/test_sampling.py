@@ -100,3 +100,25 @@ def test_cat_samples(model):
     c = cat_samples([a, b], pad_id=0)
     assert len(c) == 16 and c.tokens.shape[1] == max(a.tokens.shape[1], b.tokens.shape[1])
     torch.testing.assert_close(c.logprob, rescore(model, c), atol=1e-5, rtol=0)
+
+
+def test_all_done_decides_the_early_stop(model):
+    """``all_done`` (FSDP: all ranks agree) decides when decoding stops; the draws do not depend on it."""
+    calls = []
+
+    def never(local):                      # another rank is still decoding
+        calls.append(local)
+        return False
+
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    short = sample(model, 8, 30, eos_token_id=0, generator=g())
+    full = sample(model, 8, 30, eos_token_id=0, generator=g(), all_done=never)
+    assert full.tokens.shape[1] == 30 and len(calls) == 29
+    T = short.tokens.shape[1]
+    assert torch.equal(full.tokens[:, :T], short.tokens) and bool((full.tokens[:, T:] == 0).all())
+    assert torch.equal(full.mask[:, :T], short.mask) and not bool(full.mask[:, T:].any())
+    torch.testing.assert_close(full.logprob, short.logprob)
+    # stopping at the first check, whatever this batch says
+    assert sample(model, 8, 30, eos_token_id=0, generator=g(), all_done=lambda local: True).tokens.shape[1] == 1
+    assert torch.equal(sample(model, 8, 30, eos_token_id=0, generator=g(), all_done=lambda local: local).tokens,
+                       short.tokens)
