@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = ["ConfigError", "Config", "TinyModel", "ModelSpec", "FeatureSpec", "TargetConfig", "LambdaFit",
-           "ProposalConfig", "EvalConfig", "from_dict", "load_config", "apply_overrides", "to_dict",
+           "ProposalConfig", "EvalConfig", "from_dict", "load_config", "resolve", "apply_overrides", "to_dict",
            "KLReward", "DistributedConfig", "ALGORITHMS", "Q_ALGORITHMS", "FEATURE_TYPES"]
 
 ALGORITHMS = ("fdpg", "psi_learning", "q_learning")
@@ -525,6 +525,15 @@ def load_config(path: str | os.PathLike, overrides=()) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping of keys to values at the top level")
     return from_dict(apply_overrides(data, overrides))
+
+
+def resolve(config, overrides=()) -> Config:
+    """A :class:`Config`, a mapping, or a YAML path, with ``key=value`` overrides applied, validated."""
+    if isinstance(config, Config):
+        return from_dict(apply_overrides(to_dict(config), overrides)) if overrides else config
+    if isinstance(config, dict):
+        return from_dict(apply_overrides(config, overrides))
+    return load_config(config, overrides)
 
 
 def to_dict(cfg) -> dict:

@@ -37,7 +37,7 @@ import torch
 
 import fdpg
 from . import qlearning as Q
-from .config import Q_ALGORITHMS, Config, ConfigError, load_config
+from .config import Q_ALGORITHMS, Config, ConfigError
 from .models import _hidden, _logits, model_inputs
 from .sampling import Samples
 from .targets import SeqBatch
@@ -304,18 +304,13 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
     ``config``: a YAML path, a mapping or a :class:`Config` (its ``offline`` file is not read). The contexts are the
     config's prompts, drawn uniformly, or none. Returns the path written.
     """
-    from .config import apply_overrides, from_dict, to_dict
+    from .config import resolve
     from .data import load_prompts
     from .models import bos_token_id, build_tiny, eos_token_id, load_model, vocab_size
     from .sampling import left_pad, sample
     from .targets import build_target
 
-    if isinstance(config, Config):
-        cfg = from_dict(apply_overrides(to_dict(config), overrides)) if overrides else config
-    elif isinstance(config, dict):
-        cfg = from_dict(apply_overrides(config, overrides))
-    else:
-        cfg = load_config(config, overrides)
+    cfg = resolve(config, overrides)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError("--n", f"expected a number of sequences >= 1, got {n!r}")
     log = log or (lambda msg: None)

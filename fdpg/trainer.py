@@ -37,7 +37,7 @@ import yaml
 
 import fdpg
 from . import distributed, divergences, exact as exact_mod
-from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from .config import Config, ConfigError, resolve, to_dict
 from .data import OfflineData, load_offline, load_prompts
 from .models import (bos_token_id, build_tiny, eos_token_id, load_model, load_tokenizer, max_positions,
                      model_inputs, quiet, use_fused_output, vocab_size)
@@ -837,12 +837,7 @@ class Trainer:
 def train(config, *, resume: bool = False, overrides=(), log=None) -> Path:
     """Train from a :class:`Config`, a mapping, or a YAML path (with ``key=value`` overrides); returns the run
     directory (``output_dir``), which holds metrics.jsonl, config.yaml, checkpoints/ and the final policy/."""
-    if isinstance(config, Config):
-        cfg = from_dict(apply_overrides(to_dict(config), overrides)) if overrides else config
-    elif isinstance(config, dict):
-        cfg = from_dict(apply_overrides(config, overrides))
-    else:
-        cfg = load_config(config, overrides)
+    cfg = resolve(config, overrides)
     if cfg.algorithm != "fdpg":
         from .qtrainer import QTrainer  # psi_learning, q_learning
 
