@@ -123,7 +123,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     done = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     any_done = False                      # known on the host at the stop checks; until then nothing to mask
     tokens, lps = [], []
-    graph = dev.type == "cuda" if cuda_graph is None else bool(cuda_graph) and dev.type == "cuda"
+    graph = dev.type == "cuda" and cuda_graph is not False
     dec = decoder(model, B, P + max_length - 1, fast=fast, record=record, static=graph, cuda_graph=graph)
     with amp:
         logits = dec.prefill(context_ids, context_mask)
