@@ -87,6 +87,7 @@ setup(
     python_requires=">=3.10",
     packages=["fdpg", "fdpg.ops", "fdpg.kernels"],
     package_dir={"fdpg": "fdpg", "fdpg.kernels": "kernels"},
+    package_data={"fdpg": ["cpu_decode.c"]},      # compiled at first use by fdpg/cpu_decode.py
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
     install_requires=[

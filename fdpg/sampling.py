@@ -127,7 +127,12 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     dec = decoder(model, B, P + max_length - 1, fast=fast, record=record, static=graph, cuda_graph=graph)
     with amp:
         logits = dec.prefill(context_ids, context_mask)
-    for t in range(max_length):
+    native = None
+    if dec.fast and dev.type == "cpu" and all_done is None:   # GPT-2 on the CPU: the whole pass in one C call
+        from .cpu_decode import run
+
+        native = run(dec, logits, max_length, eos_token_id, pad, stop_check_every, generator)
+    for t in range(max_length if native is None else 0):
         tok, lp = _draw(logits, generator)                        # [B, 1] each
         if eos_token_id is not None:
             if any_done or stop_check_every > 1:
@@ -145,7 +150,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             any_done = n_done > 0
         with amp:
             logits = dec.step(tok.view(-1))
-    tokens, token_lp = torch.cat(tokens, 1), torch.cat(lps, 1)
+    tokens, token_lp = native if native is not None else (torch.cat(tokens, 1), torch.cat(lps, 1))
     mask = fdpg.completion_mask(tokens, eos_token_id)
     dec.seal()
     T = tokens.shape[1]

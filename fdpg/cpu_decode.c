@@ -1,0 +1,415 @@
+/* fdpg's CPU sampling loop for GPT-2: every decoding step and every draw of one sampling pass in one native call.
+ *
+ * Built and loaded by fdpg/cpu_decode.py (plain C, no torch headers: compiled in about a second at first use). The
+ * GEMMs go to the BLAS inside torch (MKL's sgemm_/dgemm_, passed in as a function pointer); everything else is
+ * here. The batch is split into one block of rows per thread and each thread runs its rows through the whole pass
+ * (each sequence decodes independently): no synchronisation except the stop checks, and each thread's GEMMs run
+ * single-threaded (MKL's thread-local setting). Per step and row: token + position embedding, per layer LayerNorm,
+ * the QKV projection written into the slab slot, single-query attention over the filled slots, the output
+ * projection, residual, LayerNorm, MLP, residual; the final norm, the output layer, and the draw (softmax in
+ * float32, inverse CDF in float64 with the uniform given for that row and step, as fdpg.sampling._draw).
+ *
+ * Memory layouts (all written by the Python side's decoder, fdpg.decode._GPT2, and read back by its replay):
+ *   slab        [L, S, 3d, B]  one slot per position: q, k, v of that token, feature-major, batch innermost
+ *   rec_<gemm>  [L, S, B, w]   the proj / fc / act / mlp outputs at every slot (NULL: not recording)
+ *   rec_logits  [S, B, V]      rec_ids [S, B] (int64)
+ *   pe          [B, S, d]      every slot's position embedding
+ *   valid       [B, S] (uint8) which slots hold real tokens (NULL: all)
+ *   u           [max_length, B] float64 uniforms; tokens_out [B, max_length] int64; lp_out [B, max_length] float32
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef FDPG_DOUBLE
+typedef double real;
+#else
+typedef float real;
+#endif
+
+typedef void (*gemm_fn)(const char *, const char *, const int *, const int *, const int *, const real *,
+                        const real *, const int *, const real *, const int *, const real *, real *, const int *);
+typedef int (*threads_fn)(const int *);   /* MKL's Fortran-style mkl_set_num_threads_local */
+
+enum { D_L, D_B, D_S, D_D, D_H, D_F, D_V, D_ACT, D_P, D_MAXLEN, D_EOS, D_PAD, D_EVERY, D_THREADS, D_N };
+enum { P_WTE, P_PE, P_SLAB, P_LNF_W, P_LNF_B, P_HEAD_W, P_HEAD_B, P_VALID, P_U, P_LOGITS0, P_TOKENS, P_LP,
+       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_GEMM, P_THREADS, P_LAYERS };
+enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_PROJ_W, W_PROJ_B, W_LN2_W, W_LN2_B, W_FC_W, W_FC_B, W_MLP_W,
+       W_MLP_B, W_N };
+enum { ACT_GELU_TANH, ACT_GELU_ERF, ACT_RELU };
+
+typedef struct {
+    int64_t L, B, S, d, H, F, V, act, P, max_length, eos, pad, every, nthreads;
+    const double *fp;          /* eps of ln_f, then per layer eps of ln_1, ln_2 and the attention scale */
+    void *const *ptr;
+    gemm_fn gemm;
+    threads_fn set_threads;
+    int *counts;               /* [max_length]: rows done at each stop check, summed over threads */
+    pthread_barrier_t barrier;
+    int64_t T;                 /* tokens drawn per row */
+    int go;                    /* set once the rows are split among the threads that started */
+} Ctx;
+
+typedef struct {
+    Ctx *c;
+    int64_t b0, nb;
+    int status;
+} Work;
+
+#define P(c, k) ((c)->ptr[k])
+#define W(c, i, k) ((const real *)(c)->ptr[P_LAYERS + (i) * W_N + (k)])
+
+/* ---- math ------------------------------------------------------------------------------------------------- */
+
+#ifdef FDPG_DOUBLE
+static inline real r_exp(real x) { return exp(x); }
+static inline real r_tanh(real x) { return tanh(x); }
+static inline real r_erf(real x) { return erf(x); }
+#else
+/* exp in float (Cephes' polynomial, within 2 ulp), branch-free so that loops over it vectorise; 0 below -87 */
+static inline float r_exp(float x) {
+    float xc = x > -87.0f ? (x < 88.0f ? x : 88.0f) : -87.0f;     /* (NaN: -87, then 0 below) */
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, sizeof s);
+    return x < -87.0f ? 0.0f : y * s;
+}
+static inline float r_tanh(float x) { return 1.0f - 2.0f / (r_exp(2.0f * x) + 1.0f); }
+static inline float r_erf(float x) { return erff(x); }
+#endif
+
+static void layer_norm(const real *restrict x, real *restrict y, int64_t rows, int64_t d, const real *restrict w,
+                       const real *restrict b, double eps) {
+    for (int64_t m = 0; m < rows; m++) {
+        const real *xr = x + m * d;
+        real *yr = y + m * d;
+        real s = 0, v = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < d; j++) s += xr[j];
+        real mean = s / (real)d;
+#pragma omp simd reduction(+ : v)
+        for (int64_t j = 0; j < d; j++) v += (xr[j] - mean) * (xr[j] - mean);
+        real rstd = (real)(1.0 / sqrt((double)(v / (real)d) + eps));
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+    }
+}
+
+static void activation(const real *restrict x, real *restrict y, int64_t n, int64_t act) {
+    if (act == ACT_GELU_TANH) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            real v = x[j];
+            y[j] = (real)0.5 * v * ((real)1 + r_tanh((real)0.7978845608028654 * (v + (real)0.044715 * v * v * v)));
+        }
+    } else if (act == ACT_GELU_ERF) {
+        for (int64_t j = 0; j < n; j++) y[j] = (real)0.5 * x[j] * ((real)1 + r_erf(x[j] * (real)0.7071067811865476));
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) y[j] = x[j] > 0 ? x[j] : 0;
+    }
+}
+
+/* C[M, N] += op(A)[M, K] @ op(W)[K, N], row-major meaning; a_t: A stored [K, M]; w_t: W stored [N, K]; c_t: C
+ * stored [N, M]. BLAS is column-major: a row-major [r, c] block is its transpose there. */
+static void gemm(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
+                 const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc) {
+    const real one = 1;
+    int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lc = (int)ldc;
+    if (!c_t)   /* C^T [N, M] = op(W)^T [N, K] @ op(A)^T [K, M] */
+        c->gemm(w_t ? "T" : "N", a_t ? "T" : "N", &n, &m, &k, &one, Wt, &lw, A, &la, &one, C, &lc);
+    else        /* C [M, N] = op(A) [M, K] @ op(W) [K, N] */
+        c->gemm(a_t ? "N" : "T", w_t ? "N" : "T", &m, &n, &k, &one, A, &la, Wt, &lw, &one, C, &lc);
+}
+
+static void fill_rows(real *restrict y, const real *restrict bias, int64_t rows, int64_t n) {
+    for (int64_t m = 0; m < rows; m++) {
+        if (bias) memcpy(y + m * n, bias, (size_t)n * sizeof(real));
+        else memset(y + m * n, 0, (size_t)n * sizeof(real));
+    }
+}
+
+/* ---- one decoding step for rows b0 .. b0+nb-1 at slot n -------------------------------------------------- */
+
+typedef struct {
+    real *x, *h, *o, *t_d, *f, *g, *logits, *sc, *acc;
+} Buf;
+
+static real *rec_at(const Ctx *c, int k, int64_t i, int64_t n, int64_t b0, int64_t w) {
+    real *r = (real *)P(c, k);
+    return r ? r + ((i * c->S + n) * c->B + b0) * w : NULL;
+}
+
+static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t n) {
+    const int64_t B = c->B, d = c->d, H = c->H, hd = d / H, nb = wk->nb, b0 = wk->b0;
+    const real *layer = (const real *)P(c, P_SLAB) + i * c->S * 3 * d * B;
+    const real *q = layer + n * 3 * d * B + b0;
+    const uint8_t *valid = (const uint8_t *)P(c, P_VALID);
+    const real scale = (real)c->fp[1 + 3 * i + 2];
+    real *restrict sc = bf->sc, *restrict acc = bf->acc;
+    for (int64_t hh = 0; hh < H; hh++) {
+        for (int64_t t = 0; t <= n; t++) {
+            const real *k = layer + (t * 3 * d + d + hh * hd) * B + b0;
+            real *restrict s = sc + t * nb;
+            for (int64_t m = 0; m < nb; m++) s[m] = 0;
+            for (int64_t j = 0; j < hd; j++) {
+                const real *restrict qj = q + (hh * hd + j) * B, *restrict kj = k + j * B;
+#pragma omp simd
+                for (int64_t m = 0; m < nb; m++) s[m] += qj[m] * kj[m];
+            }
+            if (valid) {
+                for (int64_t m = 0; m < nb; m++) s[m] = valid[(b0 + m) * c->S + t] ? s[m] * scale : -INFINITY;
+            } else {
+#pragma omp simd
+                for (int64_t m = 0; m < nb; m++) s[m] *= scale;
+            }
+        }
+        for (int64_t m = 0; m < nb; m++) acc[m] = -INFINITY;           /* max over positions */
+        for (int64_t t = 0; t <= n; t++)
+            for (int64_t m = 0; m < nb; m++) acc[m] = sc[t * nb + m] > acc[m] ? sc[t * nb + m] : acc[m];
+        real *restrict sum = acc + nb;
+        for (int64_t m = 0; m < nb; m++) sum[m] = 0;
+        for (int64_t t = 0; t <= n; t++) {
+            real *restrict s = sc + t * nb;
+#pragma omp simd
+            for (int64_t m = 0; m < nb; m++) {
+                s[m] = r_exp(s[m] - acc[m]);
+                sum[m] += s[m];
+            }
+        }
+        for (int64_t j = 0; j < hd; j++) {
+            real *restrict o = bf->o + (hh * hd + j) * nb;
+            for (int64_t m = 0; m < nb; m++) o[m] = 0;
+            for (int64_t t = 0; t <= n; t++) {
+                const real *restrict v = layer + (t * 3 * d + 2 * d + hh * hd + j) * B + b0;
+                const real *restrict s = sc + t * nb;
+#pragma omp simd
+                for (int64_t m = 0; m < nb; m++) o[m] += s[m] * v[m];
+            }
+#pragma omp simd
+            for (int64_t m = 0; m < nb; m++) o[m] /= sum[m];
+        }
+    }
+}
+
+/* the next logits of the rows after feeding tok at slot n: [nb, V] (in rec_logits when recording) */
+static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok) {
+    const int64_t B = c->B, d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0;
+    const real *wte = (const real *)P(c, P_WTE), *pe = (const real *)P(c, P_PE);
+    int64_t *rec_ids = (int64_t *)P(c, P_REC_IDS);
+    for (int64_t m = 0; m < nb; m++) {
+        const real *e = wte + tok[m] * d, *p = pe + ((b0 + m) * c->S + n) * d;
+        real *x = bf->x + m * d;
+        for (int64_t j = 0; j < d; j++) x[j] = e[j] + p[j];
+        if (rec_ids) rec_ids[n * B + b0 + m] = tok[m];
+    }
+    for (int64_t i = 0; i < c->L; i++) {
+        const double *eps = c->fp + 1 + 3 * i;
+        layer_norm(bf->x, bf->h, nb, d, W(c, i, W_LN1_W), W(c, i, W_LN1_B), eps[0]);
+        real *slot = (real *)P(c, P_SLAB) + ((i * c->S + n) * 3 * d) * B + b0;      /* [3d, B] at column b0 */
+        const real *ab = W(c, i, W_ATTN_B);
+        for (int64_t j = 0; j < 3 * d; j++)
+            for (int64_t m = 0; m < nb; m++) slot[j * B + m] = ab[j];
+        gemm(c, 1, nb, 3 * d, d, bf->h, d, 0, W(c, i, W_ATTN_W), 3 * d, 0, slot, B);
+        attention(c, wk, bf, i, n);
+        real *y = rec_at(c, P_REC_PROJ, i, n, b0, d);
+        y = y ? y : bf->t_d;
+        fill_rows(y, W(c, i, W_PROJ_B), nb, d);
+        gemm(c, 0, nb, d, d, bf->o, nb, 1, W(c, i, W_PROJ_W), d, 0, y, d);
+        for (int64_t j = 0; j < nb * d; j++) bf->x[j] += y[j];
+        layer_norm(bf->x, bf->h, nb, d, W(c, i, W_LN2_W), W(c, i, W_LN2_B), eps[1]);
+        real *f = rec_at(c, P_REC_FC, i, n, b0, F), *g = rec_at(c, P_REC_ACT, i, n, b0, F);
+        f = f ? f : bf->f;
+        g = g ? g : bf->g;
+        fill_rows(f, W(c, i, W_FC_B), nb, F);
+        gemm(c, 0, nb, F, d, bf->h, d, 0, W(c, i, W_FC_W), F, 0, f, F);
+        activation(f, g, nb * F, c->act);
+        y = rec_at(c, P_REC_MLP, i, n, b0, d);
+        y = y ? y : bf->t_d;
+        fill_rows(y, W(c, i, W_MLP_B), nb, d);
+        gemm(c, 0, nb, d, F, g, F, 0, W(c, i, W_MLP_W), d, 0, y, d);
+        for (int64_t j = 0; j < nb * d; j++) bf->x[j] += y[j];
+    }
+    layer_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), (const real *)P(c, P_LNF_B), c->fp[0]);
+    real *z = (real *)P(c, P_REC_LOGITS);
+    z = z ? z + (n * B + b0) * V : bf->logits;
+    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V);
+    gemm(c, 0, nb, V, d, bf->h, d, 0, (const real *)P(c, P_HEAD_W), d, 1, z, V);
+    return z;
+}
+
+/* one token from logits l [V] with the uniform u: softmax in float32, inverse CDF in float64 (right side, as
+ * searchsorted(right=True)); lp: its log-probability (NaN when the logits hold a NaN) */
+static int64_t draw(const real *restrict l, int64_t V, double u, float *restrict p, float *lp) {
+    float mx = -INFINITY;
+    int bad = 0;
+    for (int64_t j = 0; j < V; j++) {
+        float v = (float)l[j];
+        bad |= v != v;
+        mx = v > mx ? v : mx;
+    }
+    if (bad || mx == INFINITY) {
+        *lp = NAN;
+        return 0;
+    }
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < V; j++) {
+#ifdef FDPG_DOUBLE
+        p[j] = expf((float)l[j] - mx);
+#else
+        p[j] = r_exp(l[j] - mx);
+#endif
+        s += p[j];
+    }
+    float inv = 1.0f / s;
+    double total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < V; j++) {
+        p[j] *= inv;
+        total += (double)p[j];
+    }
+    double target = u * total, cum = 0;
+    int64_t tok = V - 1;
+    for (int64_t j = 0; j < V; j++) {
+        cum += (double)p[j];
+        if (cum > target) {
+            tok = j;
+            break;
+        }
+    }
+    *lp = logf(p[tok]);
+    return tok;
+}
+
+static void *run_rows(void *arg) {
+    Work *wk = (Work *)arg;
+    Ctx *c = wk->c;
+    const int64_t d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0, B = c->B, T = c->max_length;
+    const int one = 1;
+    int prev_threads = c->set_threads ? c->set_threads(&one) : 0;
+    size_t nr = (size_t)nb;
+    Buf bf;
+    bf.x = malloc(nr * d * sizeof(real));
+    bf.h = malloc(nr * d * sizeof(real));
+    bf.o = malloc(nr * d * sizeof(real));
+    bf.t_d = malloc(nr * d * sizeof(real));
+    bf.f = malloc(nr * F * sizeof(real));
+    bf.g = malloc(nr * F * sizeof(real));
+    bf.logits = malloc(nr * V * sizeof(real));
+    bf.sc = malloc(nr * c->S * sizeof(real));
+    bf.acc = malloc(2 * nr * sizeof(real));
+    float *p = malloc((size_t)V * sizeof(float));
+    int64_t *tok = malloc(nr * sizeof(int64_t));
+    uint8_t *done = calloc(nr, 1);
+    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && bf.acc && p && tok && done;
+    /* every thread takes part in every stop check, also one whose buffers failed (it reports its rows as not done
+     * so that the pass runs to the end, and the caller raises) */
+    const real *z = (const real *)P(c, P_LOGITS0) + b0 * V;
+    const double *u = (const double *)P(c, P_U);
+    int64_t *tokens = (int64_t *)P(c, P_TOKENS);
+    float *lps = (float *)P(c, P_LP);
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n_done = 0;
+        if (ok) {
+            for (int64_t m = 0; m < nb; m++) {
+                float lp;
+                int64_t k = draw(z + m * V, V, u[t * B + b0 + m], p, &lp);
+                if (done[m]) {
+                    k = c->pad;
+                    lp = 0.0f;
+                }
+                if (c->eos >= 0 && k == c->eos) done[m] = 1;
+                n_done += done[m];
+                tok[m] = k;
+                tokens[(b0 + m) * T + t] = k;
+                lps[(b0 + m) * T + t] = lp;
+            }
+        }
+        if (t + 1 == T) {
+            c->T = T;
+            break;
+        }
+        if (c->eos >= 0 && (t + 1) % c->every == 0) {
+            int total = (int)n_done;
+            if (c->nthreads > 1) {
+                __atomic_fetch_add(&c->counts[t], (int)n_done, __ATOMIC_SEQ_CST);
+                pthread_barrier_wait(&c->barrier);
+                total = __atomic_load_n(&c->counts[t], __ATOMIC_SEQ_CST);
+            }
+            if (total == B) {
+                c->T = t + 1;
+                break;
+            }
+        }
+        if (ok) z = step(c, wk, &bf, c->P + t, tok);
+    }
+    free(bf.x), free(bf.h), free(bf.o), free(bf.t_d), free(bf.f), free(bf.g), free(bf.logits), free(bf.sc);
+    free(bf.acc), free(p), free(tok), free(done);
+    if (c->set_threads) c->set_threads(&prev_threads);
+    wk->status = ok ? 0 : -1;
+    return NULL;
+}
+
+static void *helper(void *arg) {
+    Work *wk = (Work *)arg;
+    while (!__atomic_load_n(&wk->c->go, __ATOMIC_ACQUIRE)) sched_yield();
+    return run_rows(wk);
+}
+
+/* The whole sampling pass after the prefill. Returns the number of tokens drawn per row (>= 1), -1 when memory
+ * ran out. */
+int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    int64_t *dst = &c.L;
+    for (int k = 0; k < D_N; k++) dst[k] = dims[k];
+    c.fp = fp;
+    c.ptr = ptr;
+    c.gemm = (gemm_fn)ptr[P_GEMM];
+    c.set_threads = (threads_fn)ptr[P_THREADS];
+    if (c.nthreads > c.B) c.nthreads = c.B;
+    if (c.nthreads < 1) c.nthreads = 1;
+    int64_t nt = c.nthreads;
+    Work *wk = calloc((size_t)nt, sizeof(Work));
+    pthread_t *th = calloc((size_t)nt, sizeof(pthread_t));
+    c.counts = calloc((size_t)c.max_length, sizeof(int));
+    if (!wk || !th || !c.counts) {
+        free(wk), free(th), free(c.counts);
+        return -1;
+    }
+    /* start the helper threads first, then split the rows among those that started (and the caller) */
+    int64_t started = 1, result = 0;
+    for (int64_t w = 1; w < nt; w++) {
+        wk[w].c = &c;
+        if (pthread_create(&th[w], NULL, helper, &wk[w]) != 0) break;
+        started++;
+    }
+    c.nthreads = nt = started;
+    for (int64_t w = 0; w < nt; w++) {
+        wk[w].c = &c;
+        wk[w].b0 = w * c.B / nt;
+        wk[w].nb = (w + 1) * c.B / nt - wk[w].b0;
+    }
+    if (nt > 1) pthread_barrier_init(&c.barrier, NULL, (unsigned)nt);
+    __atomic_store_n(&c.go, 1, __ATOMIC_RELEASE);
+    run_rows(&wk[0]);
+    for (int64_t w = 1; w < nt; w++) pthread_join(th[w], NULL);
+    for (int64_t w = 0; w < nt; w++)
+        if (wk[w].status) result = -1;
+    if (nt > 1) pthread_barrier_destroy(&c.barrier);
+    free(wk), free(th), free(c.counts);
+    return result ? result : c.T;
+}

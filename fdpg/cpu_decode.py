@@ -1,0 +1,173 @@
+"""The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 sampling pass after the prefill in one native call.
+
+On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
+Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
+(each thread runs its rows through the whole pass: sequences decode independently) and the GEMMs in the BLAS
+that torch links (MKL's ``sgemm_``/``dgemm_``, single-threaded per thread). It computes what the Python loop of
+:func:`fdpg.sampling.sample` computes over :class:`fdpg.decode._GPT2`'s slab: the same cache, the same recording
+(so ``Samples.replay`` works alike), the same draws from the same uniforms (the generator consumed alike), to
+float rounding.
+
+The library is compiled at first use with the C compiler (``$CC``, else ``cc``/``gcc``; about a second, no torch
+headers) into ``$FDPG_CACHE_DIR`` (default ``~/.cache/fdpg``), keyed by the source, the flags and the CPU.
+``FDPG_CPU_DECODE=0`` turns it off; without a compiler, or with a torch whose BLAS is not MKL, sampling takes the
+Python loop (:func:`unavailable_reason` says why).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+__all__ = ["run", "unavailable_reason"]
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
+_FLAGS = ["-O3", "-fno-inline", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
+          "-pthread"]
+_ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
+        "GELUActivation": 1, "ReLU": 2}
+_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 20, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_lock = threading.Lock()
+_libs: dict = {}                                  # dtype -> the loaded function, or the reason there is none
+
+
+def _blas():
+    """``(gemm pointers {dtype: address}, mkl_set_num_threads_local address or None)`` from torch's library."""
+    if not torch.backends.mkl.is_available():
+        raise OSError("torch's BLAS is not MKL")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    gemm = {torch.float32: ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+            torch.float64: ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
+    try:
+        threads = ctypes.cast(lib.mkl_set_num_threads_local, ctypes.c_void_p).value
+    except AttributeError:
+        threads = None
+    return gemm, threads
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("flags", "model name")))[:4096]
+    except OSError:
+        return ""
+
+
+def _compile(cc: str, double: bool) -> str:
+    with open(_SRC, "rb") as f:
+        src = f.read()
+    flags = _FLAGS + (["-DFDPG_DOUBLE"] if double else [])
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(src + repr((flags, version, _cpu_key())).encode()).hexdigest()[:16]
+    cache = os.environ.get("FDPG_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fdpg")
+    out = os.path.join(cache, f"cpu_decode_{'f64' if double else 'f32'}_{key}.so")
+    if not os.path.isfile(out):
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *flags, "-o", tmp, _SRC, "-lm"], capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                raise OSError(f"{cc} failed: {r.stderr.strip()[-1500:]}")
+            os.replace(tmp, out)                  # atomic: concurrent processes may build the same file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return out
+
+
+def _load(dtype):
+    """The native ``fdpg_sample`` for ``dtype`` weights and the BLAS pointers, or the reason (a str) there is none."""
+    with _lock:
+        if dtype not in _libs:
+            try:
+                cc = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
+                if cc is None:
+                    raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
+                gemm, threads = _blas()
+                fn = ctypes.CDLL(_compile(cc, dtype == torch.float64)).fdpg_sample
+                fn.restype = ctypes.c_int64
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                _libs[dtype] = (fn, gemm[dtype], threads)
+            except (OSError, AttributeError, subprocess.SubprocessError) as e:
+                _libs[dtype] = f"{type(e).__name__}: {e}"
+        return _libs[dtype]
+
+
+def unavailable_reason(dec, all_done=None) -> str | None:
+    """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
+    if os.environ.get("FDPG_CPU_DECODE", "1") == "0":
+        return "FDPG_CPU_DECODE=0"
+    if type(dec).__name__ != "_GPT2":
+        return "the native loop knows GPT-2 only"
+    if not dec.slab:
+        return "the decoder is not on the CPU slab path (GPU, autocast or half precision)"
+    if all_done is not None:
+        return "all_done: the ranks' agreement at each stop check runs in Python"
+    act = type(dec.blocks[0][5]).__name__
+    if act not in _ACT:
+        return f"the activation {act} (native: GELU, tanh-GELU, ReLU)"
+    tensors = [dec.wte, dec.pe, dec.head_w, dec.ln_f.weight, dec.ln_f.bias]
+    for blk in dec.blocks:
+        ln1, c_attn, c_proj, ln2, c_fc, _, m_proj = blk
+        tensors += [ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias, ln2.weight,
+                    ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias]
+    if any(t is None or not t.is_contiguous() for t in tensors):
+        return "a weight that is missing (no bias or affine norm) or not contiguous"
+    lib = _load(dec.wdtype)
+    return lib if isinstance(lib, str) else None
+
+
+def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pad: int, stop_check_every: int,
+        generator: torch.Generator | None):
+    """The sampling pass of ``dec`` after its prefill (``logits [B, V]``: the prefill's), as the Python loop of
+    :func:`fdpg.sampling.sample` runs it: ``(tokens [B, T] long, token_logprob [B, T] float32)``, with ``dec``
+    left as the loop leaves it (``T - 1`` steps fed). None when the native loop cannot run it (the caller loops)."""
+    if unavailable_reason(dec) is not None:
+        return None
+    fn, gemm, set_threads = _load(dec.wdtype)
+    B, S, L = dec.B, dec.S, dec.n_layer
+    V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
+    gen = generator if generator is not None else torch.default_generator
+    state = gen.get_state()
+    u = torch.rand(max_length, B, dtype=torch.float64, generator=gen)   # the stream of max_length draws of [B, 1]
+    tokens = torch.empty(B, max_length, dtype=torch.long)
+    lps = torch.empty(B, max_length, dtype=torch.float32)
+    logits = logits.contiguous()
+    rec = dec._rec if dec.recording else {}
+    valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
+    keep = [u, tokens, lps, logits, valid]                              # alive during the call
+    dims = [L, B, S, dec.d, dec.n_head, F, V, _ACT[type(dec.blocks[0][5]).__name__], dec.n, max_length,
+            -1 if eos_token_id is None else eos_token_id, pad, stop_check_every, torch.get_num_threads()]
+    fp = [dec.ln_f.eps]
+    for i, blk in enumerate(dec.blocks):
+        fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    ptrs = [dec.wte, dec.pe, dec.kv, dec.ln_f.weight, dec.ln_f.bias, dec.head_w, dec.head_b, valid, u, logits,
+            tokens, lps, rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("mlp"),
+            dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
+    ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]
+    for ln1, c_attn, c_proj, ln2, c_fc, _, m_proj in dec.blocks:
+        ptrs += [ptr(t) for t in (ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias,
+                                  ln2.weight, ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias)]
+    assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
+    T = fn((ctypes.c_int64 * len(dims))(*dims), (ctypes.c_double * len(fp))(*fp),
+           (ctypes.c_void_p * len(ptrs))(*ptrs))
+    del keep
+    if T < 1:
+        raise MemoryError("fdpg.cpu_decode: the sampling loop could not allocate its buffers")
+    if T < max_length:      # the Python loop draws [B, 1] uniforms per token drawn: consume exactly as many
+        gen.set_state(state)
+        torch.rand(T, B, dtype=torch.float64, generator=gen)
+    dec.n += T - 1
+    return tokens[:, :T], lps[:, :T]

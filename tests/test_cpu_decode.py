@@ -1,0 +1,144 @@
+"""The native CPU sampling loop (fdpg/cpu_decode.c) against sample()'s Python loop over the same decoder."""
+import copy
+
+import pytest
+import torch
+
+import fdpg.cpu_decode as native
+from fdpg.decode import decoder
+from fdpg.models import model_inputs
+from fdpg.sampling import left_pad, sample
+
+V = 29
+
+
+def gpt2(act="gelu_new", dtype=torch.float64, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=40, n_embd=48, n_layer=2, n_head=3, resid_pdrop=0,
+                                       embd_pdrop=0, attn_pdrop=0, initializer_range=0.25,
+                                       activation_function=act, bos_token_id=1, eos_token_id=0))
+    return m.eval().to(dtype)
+
+
+def contexts(kind, B):
+    if kind == "bos":
+        return None, None
+    g = torch.Generator().manual_seed(B)
+    return left_pad([torch.randint(1, V, (1 + i % 5,), generator=g).tolist() for i in range(B)], pad_id=0)
+
+
+def both(monkeypatch, model, B, T, **kw):
+    """sample() through the native loop and through the Python loop, from the same seed: the two Samples and the
+    next uniform each leaves in its generator."""
+    out = []
+    for off in ("1", "0"):
+        monkeypatch.setenv("FDPG_CPU_DECODE", off)
+        g = torch.Generator().manual_seed(11)
+        s = sample(model, B, T, generator=g, **kw)
+        out += [s, torch.rand(3, generator=g)]
+    return out
+
+
+def test_available_here():
+    """CI's machine has a C compiler and torch's MKL: the native loop must load (or every comparison is vacuous)."""
+    dec = decoder(gpt2(), 4, 8)
+    dec.prefill(torch.ones(4, 1, dtype=torch.long), None)
+    assert native.unavailable_reason(dec) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("ctx", ["bos", "padded"])
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])
+def test_native_loop_equals_the_python_loop(monkeypatch, threads, ctx, act):
+    """float64, B = 13 rows split over 1-3 threads, EOS ending rows at different steps: the same tokens, mask and
+    log-probs, the same generator state after, and the same replayed logits."""
+    torch.set_num_threads(threads)
+    try:
+        model, B, T = gpt2(act), 13, 9
+        ids, mask = contexts(ctx, B)
+        a, ua, b, ub = both(monkeypatch, model, B, T, eos_token_id=0, context_ids=ids, context_mask=mask,
+                            record=True)
+    finally:
+        torch.set_num_threads(1)
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    n = a.mask.sum(1)
+    assert bool((n < a.tokens.shape[1]).any()) and bool((n > 1).any())       # EOS ended some rows, not all at once
+    torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=2e-6, rtol=0)   # (float32 softmax both)
+    assert torch.equal(ua, ub)
+    torch.testing.assert_close(a.replay(), b.replay(), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_early_stop_and_float32(monkeypatch, every):
+    """Every row ends early (EOS likely): the pass stops at the first stop check after the last EOS, as the Python
+    loop does; float32 weights."""
+    model = gpt2(seed=3, dtype=torch.float32)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.copy_(1.4 * model.lm_head.weight[0])   # EOS (token 0) more likely
+    a, ua, b, ub = both(monkeypatch, model, 24, 30, eos_token_id=0, stop_check_every=every)
+    assert a.tokens.shape[1] < 30 and a.tokens.shape == b.tokens.shape
+    assert (a.tokens.shape[1] % every == 0) or a.tokens.shape[1] == 30
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and torch.equal(ua, ub)
+    torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=2e-5, rtol=0)
+
+
+def test_no_eos_and_one_token(monkeypatch):
+    model = gpt2(seed=4)
+    a, ua, b, ub = both(monkeypatch, model, 5, 7, eos_token_id=None)
+    assert a.tokens.shape == (5, 7) and bool(a.mask.all()) and torch.equal(a.tokens, b.tokens)
+    assert torch.equal(ua, ub)
+    a, ua, b, ub = both(monkeypatch, model, 1, 1, eos_token_id=0)
+    assert a.tokens.shape == (1, 1) and torch.equal(a.tokens, b.tokens) and torch.equal(ua, ub)
+
+
+def test_replay_of_the_native_pass_has_the_forward_pass_gradients():
+    """The recording the native loop writes, replayed with autograd, against a fresh forward pass (float64)."""
+    model = gpt2("gelu_new")
+    B, T = 6, 7
+    ids, mask = contexts("padded", B)
+    s = sample(model, B, T, eos_token_id=None, context_ids=ids, context_mask=mask, record=True,
+               generator=torch.Generator().manual_seed(5))
+    w = torch.randn(B, T, V, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        z = f()
+        (z * w).sum().backward()
+        return z.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    z_rep, g_rep = run(lambda: s.replay())
+    inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
+    P = ids.shape[1]
+    z_fwd, g_fwd = run(lambda: model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                                     position_ids=inp.position_ids).logits[:, P - 1:P + T - 1])
+    torch.testing.assert_close(z_rep, z_fwd, atol=1e-10, rtol=1e-10)
+    for n in g_fwd:
+        torch.testing.assert_close(g_rep[n], g_fwd[n], atol=1e-10, rtol=1e-9, msg=n)
+
+
+def test_nan_weights_give_nan_logprobs_not_silent_numbers(monkeypatch):
+    model = copy.deepcopy(gpt2(seed=6))
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    a, _, b, _ = both(monkeypatch, model, 4, 3, eos_token_id=None)
+    assert bool(a.token_logprob.isnan().all()) and bool(b.token_logprob.isnan().all())
+
+
+def test_unavailable_where_the_python_loop_runs(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()
+    cases = {"GPT-2 only": (llama, {}), "not on the CPU slab": (gpt2(dtype=torch.bfloat16), {}),
+             "all_done": (gpt2(), {"all_done": lambda x: x})}
+    for why, (model, kw) in cases.items():
+        dec = decoder(model, 2, 4)
+        dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
+        assert why in native.unavailable_reason(dec, **kw)
+    monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+    dec = decoder(gpt2(), 2, 4)
+    dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
+    assert "FDPG_CPU_DECODE=0" in native.unavailable_reason(dec)
