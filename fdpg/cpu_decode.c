@@ -11,8 +11,9 @@
  *
  * Memory layouts (all written by the Python side's decoder, fdpg.decode._GPT2, and read back by its replay):
  *   slab        [L, S, 3d, B]  one slot per position: q, k, v of that token, feature-major, batch innermost
- *   rec_<gemm>  [L, S, B, w]   the proj / fc / act / mlp outputs at every slot (NULL: not recording)
- *   rec_logits  [S, B, V]      rec_ids [S, B] (int64)
+ *   rec_<name>  [L, B, S, w]   the proj / fc / act / dact (GELU's derivative) / mlp outputs at every slot (NULL:
+ *                              not recording; act and dact: NULL for ReLU)
+ *   rec_logits  [B, S, V]      rec_ids [S, B] (int64)
  *   pe          [B, S, d]      every slot's position embedding
  *   valid       [B, S] (uint8) which slots hold real tokens (NULL: all)
  *   u           [max_length, B] float64 uniforms; tokens_out [B, max_length] int64; lp_out [B, max_length] float32
@@ -36,7 +37,7 @@ typedef int (*threads_fn)(const int *);   /* MKL's Fortran-style mkl_set_num_thr
 
 enum { D_L, D_B, D_S, D_D, D_H, D_F, D_V, D_ACT, D_P, D_MAXLEN, D_EOS, D_PAD, D_EVERY, D_THREADS, D_N };
 enum { P_WTE, P_PE, P_SLAB, P_LNF_W, P_LNF_B, P_HEAD_W, P_HEAD_B, P_VALID, P_U, P_LOGITS0, P_TOKENS, P_LP,
-       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_GEMM, P_THREADS, P_LAYERS };
+       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_DACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_GEMM, P_THREADS, P_LAYERS };
 enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_PROJ_W, W_PROJ_B, W_LN2_W, W_LN2_B, W_FC_W, W_FC_B, W_MLP_W,
        W_MLP_B, W_N };
 enum { ACT_GELU_TANH, ACT_GELU_ERF, ACT_RELU };
@@ -107,15 +108,22 @@ static void layer_norm(const real *restrict x, real *restrict y, int64_t rows, i
     }
 }
 
-static void activation(const real *restrict x, real *restrict y, int64_t n, int64_t act) {
+/* y = act(x) over a row of n, and its derivative dy (when not NULL) */
+static void activation(const real *restrict x, real *restrict y, real *restrict dy, int64_t n, int64_t act) {
+    const real k = (real)0.7978845608028654, c = (real)0.044715, r2 = (real)0.7071067811865476;
     if (act == ACT_GELU_TANH) {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) {
-            real v = x[j];
-            y[j] = (real)0.5 * v * ((real)1 + r_tanh((real)0.7978845608028654 * (v + (real)0.044715 * v * v * v)));
+            real v = x[j], t = r_tanh(k * (v + c * v * v * v));
+            y[j] = (real)0.5 * v * ((real)1 + t);
+            if (dy) dy[j] = (real)0.5 * ((real)1 + t) + (real)0.5 * v * ((real)1 - t * t) * k * ((real)1 + 3 * c * v * v);
         }
     } else if (act == ACT_GELU_ERF) {
-        for (int64_t j = 0; j < n; j++) y[j] = (real)0.5 * x[j] * ((real)1 + r_erf(x[j] * (real)0.7071067811865476));
+        for (int64_t j = 0; j < n; j++) {
+            real v = x[j], e = r_erf(v * r2);
+            y[j] = (real)0.5 * v * ((real)1 + e);
+            if (dy) dy[j] = (real)0.5 * ((real)1 + e) + v * r_exp(-(real)0.5 * v * v) * (real)0.3989422804014327;
+        }
     } else {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) y[j] = x[j] > 0 ? x[j] : 0;
@@ -134,11 +142,18 @@ static void gemm(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const r
         c->gemm(a_t ? "N" : "T", w_t ? "N" : "T", &m, &n, &k, &one, A, &la, Wt, &lw, &one, C, &lc);
 }
 
-static void fill_rows(real *restrict y, const real *restrict bias, int64_t rows, int64_t n) {
+/* rows of n at stride ld: the bias, or 0 */
+static void fill_rows(real *restrict y, const real *restrict bias, int64_t rows, int64_t n, int64_t ld) {
     for (int64_t m = 0; m < rows; m++) {
-        if (bias) memcpy(y + m * n, bias, (size_t)n * sizeof(real));
-        else memset(y + m * n, 0, (size_t)n * sizeof(real));
+        if (bias) memcpy(y + m * ld, bias, (size_t)n * sizeof(real));
+        else memset(y + m * ld, 0, (size_t)n * sizeof(real));
     }
+}
+
+static void add_rows(real *restrict x, const real *restrict y, int64_t rows, int64_t n, int64_t ld) {
+    for (int64_t m = 0; m < rows; m++)
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * ld + j];
 }
 
 /* ---- one decoding step for rows b0 .. b0+nb-1 at slot n -------------------------------------------------- */
@@ -147,9 +162,11 @@ typedef struct {
     real *x, *h, *o, *t_d, *f, *g, *logits, *sc, *acc;
 } Buf;
 
-static real *rec_at(const Ctx *c, int k, int64_t i, int64_t n, int64_t b0, int64_t w) {
+/* row b0 of recording k at layer i and slot n (rows at stride S * w), or buf (rows at stride w) */
+static real *rec_at(const Ctx *c, int k, int64_t i, int64_t n, int64_t b0, int64_t w, real *buf, int64_t *ld) {
     real *r = (real *)P(c, k);
-    return r ? r + ((i * c->S + n) * c->B + b0) * w : NULL;
+    *ld = r ? c->S * w : w;
+    return r ? r + ((i * c->B + b0) * c->S + n) * w : buf;
 }
 
 static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t n) {
@@ -204,8 +221,9 @@ static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t 
     }
 }
 
-/* the next logits of the rows after feeding tok at slot n: [nb, V] (in rec_logits when recording) */
-static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok) {
+/* the next logits of the rows after feeding tok at slot n: [nb, V] at row stride *ldz (in rec_logits when
+ * recording) */
+static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok, int64_t *ldz) {
     const int64_t B = c->B, d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0;
     const real *wte = (const real *)P(c, P_WTE), *pe = (const real *)P(c, P_PE);
     int64_t *rec_ids = (int64_t *)P(c, P_REC_IDS);
@@ -224,29 +242,29 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
             for (int64_t m = 0; m < nb; m++) slot[j * B + m] = ab[j];
         gemm(c, 1, nb, 3 * d, d, bf->h, d, 0, W(c, i, W_ATTN_W), 3 * d, 0, slot, B);
         attention(c, wk, bf, i, n);
-        real *y = rec_at(c, P_REC_PROJ, i, n, b0, d);
-        y = y ? y : bf->t_d;
-        fill_rows(y, W(c, i, W_PROJ_B), nb, d);
-        gemm(c, 0, nb, d, d, bf->o, nb, 1, W(c, i, W_PROJ_W), d, 0, y, d);
-        for (int64_t j = 0; j < nb * d; j++) bf->x[j] += y[j];
+        int64_t ly, lf, lg, ldg;
+        real *y = rec_at(c, P_REC_PROJ, i, n, b0, d, bf->t_d, &ly);
+        fill_rows(y, W(c, i, W_PROJ_B), nb, d, ly);
+        gemm(c, 0, nb, d, d, bf->o, nb, 1, W(c, i, W_PROJ_W), d, 0, y, ly);
+        add_rows(bf->x, y, nb, d, ly);
         layer_norm(bf->x, bf->h, nb, d, W(c, i, W_LN2_W), W(c, i, W_LN2_B), eps[1]);
-        real *f = rec_at(c, P_REC_FC, i, n, b0, F), *g = rec_at(c, P_REC_ACT, i, n, b0, F);
-        f = f ? f : bf->f;
-        g = g ? g : bf->g;
-        fill_rows(f, W(c, i, W_FC_B), nb, F);
-        gemm(c, 0, nb, F, d, bf->h, d, 0, W(c, i, W_FC_W), F, 0, f, F);
-        activation(f, g, nb * F, c->act);
-        y = rec_at(c, P_REC_MLP, i, n, b0, d);
-        y = y ? y : bf->t_d;
-        fill_rows(y, W(c, i, W_MLP_B), nb, d);
-        gemm(c, 0, nb, d, F, g, F, 0, W(c, i, W_MLP_W), d, 0, y, d);
-        for (int64_t j = 0; j < nb * d; j++) bf->x[j] += y[j];
+        real *f = rec_at(c, P_REC_FC, i, n, b0, F, bf->f, &lf), *g = rec_at(c, P_REC_ACT, i, n, b0, F, bf->g, &lg);
+        real *dg = rec_at(c, P_REC_DACT, i, n, b0, F, NULL, &ldg);
+        fill_rows(f, W(c, i, W_FC_B), nb, F, lf);
+        gemm(c, 0, nb, F, d, bf->h, d, 0, W(c, i, W_FC_W), F, 0, f, lf);
+        for (int64_t m = 0; m < nb; m++)
+            activation(f + m * lf, g + m * lg, dg ? dg + m * ldg : NULL, F, c->act);
+        y = rec_at(c, P_REC_MLP, i, n, b0, d, bf->t_d, &ly);
+        fill_rows(y, W(c, i, W_MLP_B), nb, d, ly);
+        gemm(c, 0, nb, d, F, g, lg, 0, W(c, i, W_MLP_W), d, 0, y, ly);
+        add_rows(bf->x, y, nb, d, ly);
     }
     layer_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), (const real *)P(c, P_LNF_B), c->fp[0]);
     real *z = (real *)P(c, P_REC_LOGITS);
-    z = z ? z + (n * B + b0) * V : bf->logits;
-    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V);
-    gemm(c, 0, nb, V, d, bf->h, d, 0, (const real *)P(c, P_HEAD_W), d, 1, z, V);
+    *ldz = z ? c->S * V : V;
+    z = z ? z + (b0 * c->S + n) * V : bf->logits;
+    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
+    gemm(c, 0, nb, V, d, bf->h, d, 0, (const real *)P(c, P_HEAD_W), d, 1, z, *ldz);
     return z;
 }
 
@@ -318,6 +336,7 @@ static void *run_rows(void *arg) {
     /* every thread takes part in every stop check, also one whose buffers failed (it reports its rows as not done
      * so that the pass runs to the end, and the caller raises) */
     const real *z = (const real *)P(c, P_LOGITS0) + b0 * V;
+    int64_t ldz = V;
     const double *u = (const double *)P(c, P_U);
     int64_t *tokens = (int64_t *)P(c, P_TOKENS);
     float *lps = (float *)P(c, P_LP);
@@ -326,7 +345,7 @@ static void *run_rows(void *arg) {
         if (ok) {
             for (int64_t m = 0; m < nb; m++) {
                 float lp;
-                int64_t k = draw(z + m * V, V, u[t * B + b0 + m], p, &lp);
+                int64_t k = draw(z + m * ldz, V, u[t * B + b0 + m], p, &lp);
                 if (done[m]) {
                     k = c->pad;
                     lp = 0.0f;
@@ -354,7 +373,7 @@ static void *run_rows(void *arg) {
                 break;
             }
         }
-        if (ok) z = step(c, wk, &bf, c->P + t, tok);
+        if (ok) z = step(c, wk, &bf, c->P + t, tok, &ldz);
     }
     free(bf.x), free(bf.h), free(bf.o), free(bf.t_d), free(bf.f), free(bf.g), free(bf.logits), free(bf.sc);
     free(bf.acc), free(p), free(tok), free(done);
@@ -412,4 +431,57 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
     if (nt > 1) pthread_barrier_destroy(&c.barrier);
     free(wk), free(th), free(c.counts);
     return result ? result : c.T;
+}
+
+/* ---- the no-grad forward over whole sequences (the prior's scoring pass): the activation ------------------- */
+
+typedef struct {
+    const int64_t *dims;       /* rows, (unused: 11), act, n, nthreads */
+    const double *fp;
+    void *const *ptr;          /* x, y */
+    int64_t b0, b1;
+    int (*body)(const void *job);
+} Job;
+
+/* y = act(x) over rows b0..b1-1 of n elements each (dims[13]) */
+static int activation_rows(const void *arg) {
+    const Job *jb = (const Job *)arg;
+    const int64_t n = jb->dims[13];
+    activation((const real *)jb->ptr[0] + jb->b0 * n, (real *)jb->ptr[1] + jb->b0 * n, NULL,
+               (jb->b1 - jb->b0) * n, jb->dims[12]);
+    return 0;
+}
+
+static void *job_thread(void *arg) {
+    Job *jb = (Job *)arg;
+    jb->b1 = jb->body(jb) ? -1 : jb->b1;      /* (b1 < 0: failed) */
+    return NULL;
+}
+
+/* rows 0..rows-1 split over up to nthreads threads (the caller one of them); 0, or -1 when a block failed */
+static int64_t parallel_rows(int64_t rows, int64_t nthreads, const int64_t *dims, const double *fp, void *const *ptr,
+                             int (*body)(const void *)) {
+    enum { MAX_T = 64 };
+    Job jobs[MAX_T];
+    pthread_t th[MAX_T];
+    int64_t nt = nthreads < 1 ? 1 : nthreads > MAX_T ? MAX_T : nthreads;
+    if (nt > rows) nt = rows > 0 ? rows : 1;
+    int started[MAX_T] = {0};
+    for (int64_t w = 0; w < nt; w++) {
+        jobs[w] = (Job){dims, fp, ptr, w * rows / nt, (w + 1) * rows / nt, body};
+        if (w > 0) started[w] = pthread_create(&th[w], NULL, job_thread, &jobs[w]) == 0;
+    }
+    int64_t failed = 0;
+    for (int64_t w = 0; w < nt; w++) {
+        if (w == 0 || !started[w]) failed |= body(&jobs[w]) != 0;     /* the caller takes what no thread took */
+        else {
+            pthread_join(th[w], NULL);
+            failed |= jobs[w].b1 < 0;
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr) {
+    return parallel_rows(dims[0], dims[14], dims, fp, ptr, activation_rows);
 }

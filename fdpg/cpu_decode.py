@@ -25,14 +25,14 @@ import threading
 
 import torch
 
-__all__ = ["run", "unavailable_reason"]
+__all__ = ["run", "unavailable_reason", "activation"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
-_FLAGS = ["-O3", "-fno-inline", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
           "-pthread"]
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
-_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 20, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 21, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
 _lock = threading.Lock()
 _libs: dict = {}                                  # dtype -> the loaded function, or the reason there is none
 
@@ -92,10 +92,12 @@ def _load(dtype):
                 if cc is None:
                     raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
                 gemm, threads = _blas()
-                fn = ctypes.CDLL(_compile(cc, dtype == torch.float64)).fdpg_sample
-                fn.restype = ctypes.c_int64
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                _libs[dtype] = (fn, gemm[dtype], threads)
+                lib = ctypes.CDLL(_compile(cc, dtype == torch.float64))
+                fns = [lib.fdpg_sample, lib.fdpg_activation]
+                for fn in fns:
+                    fn.restype = ctypes.c_int64
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                _libs[dtype] = (*fns, gemm[dtype], threads)
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 _libs[dtype] = f"{type(e).__name__}: {e}"
         return _libs[dtype]
@@ -132,7 +134,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     left as the loop leaves it (``T - 1`` steps fed). None when the native loop cannot run it (the caller loops)."""
     if unavailable_reason(dec) is not None:
         return None
-    fn, gemm, set_threads = _load(dec.wdtype)
+    fn, _, gemm, set_threads = _load(dec.wdtype)
     B, S, L = dec.B, dec.S, dec.n_layer
     V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
     gen = generator if generator is not None else torch.default_generator
@@ -154,15 +156,14 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
         return None if t is None else t.data_ptr()
 
     ptrs = [dec.wte, dec.pe, dec.kv, dec.ln_f.weight, dec.ln_f.bias, dec.head_w, dec.head_b, valid, u, logits,
-            tokens, lps, rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("mlp"),
+            tokens, lps, rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
     ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]
     for ln1, c_attn, c_proj, ln2, c_fc, _, m_proj in dec.blocks:
         ptrs += [ptr(t) for t in (ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias,
                                   ln2.weight, ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias)]
     assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
-    T = fn((ctypes.c_int64 * len(dims))(*dims), (ctypes.c_double * len(fp))(*fp),
-           (ctypes.c_void_p * len(ptrs))(*ptrs))
+    T = _call(fn, dims, fp, ptrs)
     del keep
     if T < 1:
         raise MemoryError("fdpg.cpu_decode: the sampling loop could not allocate its buffers")
@@ -171,3 +172,31 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
         torch.rand(T, B, dtype=torch.float64, generator=gen)
     dec.n += T - 1
     return tokens[:, :T], lps[:, :T]
+
+
+def _call(fn, dims, fp, ptrs) -> int:
+    return fn((ctypes.c_int64 * len(dims))(*dims), (ctypes.c_double * len(fp))(*fp),
+              (ctypes.c_void_p * len(ptrs))(*ptrs))
+
+
+def _native_ok(*ts) -> bool:
+    """Tensors the no-grad helpers below can take: CPU, float32/64 alike, no autograd wanted, the native library
+    loaded."""
+    t = ts[0]
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            and all(x.dtype == t.dtype and x.device == t.device for x in ts)
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in ts))
+            and os.environ.get("FDPG_CPU_DECODE", "1") != "0" and not isinstance(_load(t.dtype), str))
+
+
+def activation(x: torch.Tensor, act) -> torch.Tensor | None:
+    """``act(x)`` for GPT-2's activation modules (GELU, tanh-GELU, ReLU) without autograd, on the CPU threads;
+    None where the native library cannot take it."""
+    kind = _ACT.get(type(act).__name__)
+    if kind is None or not x.is_contiguous() or not _native_ok(x):
+        return None
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    dims = [x.numel() // n] + [0] * 11 + [kind, n, torch.get_num_threads()]    # as Job.dims in cpu_decode.c
+    _call(_load(x.dtype)[1], dims, [], [x.data_ptr(), y.data_ptr()])
+    return y

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_decode
+
 __all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
 
 _BMM_MAX_LEN = 512          # CPU attention by batched GEMMs up to this many positions (the scores are [B, H, s, s])
@@ -239,10 +241,11 @@ class _FastDecoder(Decoder):
         self._ws = torch.empty(S, Hkv, G, hd, B, dtype=self.wdtype, device=self.dev)
         o = torch.empty(D, B, dtype=self.wdtype, device=self.dev)
         self._o5, self._o_t = o.view(Hkv, G, hd, B), o.t()       # the attention output, and as [B, D]
-        if self.recording:   # [S, B, width] per recorded GEMM and layer, the logits, the ids fed at every slot
-            self._rec = {name: torch.empty(L, S, B, width, dtype=self.wdtype, device=self.dev)
+        if self.recording:   # [B, S, width] per recorded output and layer (batch-major: the replay reads [B, s,
+            # width] views, contiguous when every slot was fed), the logits [B, S, V], the ids fed at every slot
+            self._rec = {name: torch.empty(L, B, S, width, dtype=self.wdtype, device=self.dev)
                          for name, width in self._recorded_gemms().items()}
-            self._rec_logits = torch.empty(S, B, self.head_w.shape[0], dtype=self.wdtype, device=self.dev)
+            self._rec_logits = torch.empty(B, S, self.head_w.shape[0], dtype=self.wdtype, device=self.dev)
             self._rec_ids = torch.empty(S, B, dtype=torch.long, device=self.dev)
 
     def _attend_prefill(self, i: int, q, k, v):
@@ -469,7 +472,7 @@ class _FastDecoder(Decoder):
 
     def _logits(self, h, slot: int):
         """The logits ``[B, V]`` at position ``slot`` (recorded when recording) from its hidden state ``h``."""
-        out = self._rec_logits[slot] if self.recording else None
+        out = self._rec_logits[:, slot] if self.recording else None
         h = self._final_norm(h)
         if out is None:
             return F.linear(h, self.head_w, self.head_b)
@@ -495,7 +498,7 @@ class _FastDecoder(Decoder):
             return torch.addmm(bias, h, w)
         if self._prefilling:
             return self._keep(name, i, torch.addmm(bias, h, w))
-        return torch.addmm(bias, h, w, out=self._rec[name][i][self.n])
+        return torch.addmm(bias, h, w, out=self._rec[name][i][:, self.n])
 
     def _linear(self, name: str, i: int, lin, h):
         """``lin(h)`` (``h [rows, in]``, a Linear's ``weight [out, in]``), recorded like :meth:`_gemm`."""
@@ -503,7 +506,7 @@ class _FastDecoder(Decoder):
             return F.linear(h, lin.weight, lin.bias)
         if self._prefilling:
             return self._keep(name, i, F.linear(h, lin.weight, lin.bias))
-        out = self._rec[name][i][self.n]
+        out = self._rec[name][i][:, self.n]
         if lin.bias is None:
             return torch.mm(h, lin.weight.t(), out=out)
         return torch.addmm(lin.bias, h, lin.weight.t(), out=out)
@@ -513,9 +516,9 @@ class _FastDecoder(Decoder):
         if self.recording and name in self._rec:
             rec = self._rec[name][i]
             if self._prefilling:
-                rec[:self.P].copy_(y.view(self.B, self.P, -1).transpose(0, 1))
+                rec[:, :self.P].copy_(y.view(self.B, self.P, -1))
             else:
-                rec[self.n].copy_(y)
+                rec[:, self.n].copy_(y)
         return y
 
     @property
@@ -557,7 +560,7 @@ class _FastDecoder(Decoder):
             x = self._replay_layer(i, x, s)
         self._mask = self._bias_cache = None
         h = self._final_norm(x[:, self.P - 1:s])                    # [B, T, d]
-        z = self._rec_logits[self.P - 1:s].transpose(0, 1)          # [B, T, V]
+        z = self._rec_logits[:, self.P - 1:s]                       # [B, T, V]
         return _Replay.apply(h, self.head_w, self.head_b, z, True)
 
 
@@ -611,13 +614,17 @@ class _GPT2(_FastDecoder):
 
     def _mlp(self, i, x):
         _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
-        h = self._keep("act", i, act(self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight)))
+        f = self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight)
+        g = cpu_decode.activation(f, act)                          # no autograd: one C pass
+        h = self._keep("act", i, act(f) if g is None else g)
+        if self.recording and "dact" in self._rec:
+            self._keep("dact", i, _gelu_grad(f, _GELU_KIND[type(act).__name__]))
         return self._gemm("mlp", i, m_proj.bias, h, m_proj.weight) + x
 
     def _recorded_gemms(self):
         width = self.blocks[0][4].weight.shape[1]
         gelu = _GELU_KIND.get(type(self.blocks[0][5]).__name__)
-        return {"proj": self.d, "fc": width, "mlp": self.d, **({"act": width} if gelu else {})}
+        return {"proj": self.d, "fc": width, "mlp": self.d, **({"act": width, "dact": width} if gelu else {})}
 
     def _replay_embed(self, ids):
         return F.embedding(ids, self.wte) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
@@ -626,13 +633,13 @@ class _GPT2(_FastDecoder):
         """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (``[B, s, width]`` views)."""
         ln1, c_attn, c_proj, ln2, c_fc, act, m_proj = self.blocks[i]
         B, H, hd, D = self.B, self.n_head, self.hd, self.D
-        rec = {k: v[i, :s].transpose(0, 1) for k, v in self._rec.items()}
+        rec = {k: v[i, :, :s] for k, v in self._rec.items()}
         qkv = _Replay.apply(_ln(x, ln1), c_attn.weight, c_attn.bias, self._slots[i][:s].permute(2, 0, 1), False)
         q, k, v = qkv.view(B, s, 3, H, hd).unbind(2)
         a = self._attend_all(i, q, k, v).view(B, s, D)
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
         f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False)
-        g = _ReplayGELU.apply(f, rec["act"], _GELU_KIND[type(act).__name__]) if "act" in rec else act(f)
+        g = _ReplayGELU.apply(f, rec["act"], rec["dact"]) if "act" in rec else act(f)
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
     def _final_norm(self, h):
@@ -741,7 +748,7 @@ class _Llama(_FastDecoder):
         """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (q and k before RoPE; v from the slab)."""
         n1, qp, kp, vp, op, n2, gp, up, act, dp = self.blocks[i]
         B, H, Hkv, hd, D, Dkv = self.B, self.n_head, self.n_kv, self.hd, self.D, self.Dkv
-        rec = {k: v[i, :s].transpose(0, 1) for k, v in self._rec.items()}
+        rec = {k: v[i, :, :s] for k, v in self._rec.items()}
         h = _rms(x, n1)
         cos, sin = self.cos[:, :s, None], self.sin[:, :s, None]
         q = _Replay.apply(h, qp.weight, qp.bias, rec["q"], True).view(B, s, H, hd)
@@ -786,19 +793,24 @@ _GELU_KIND = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation"
               "FastGELUActivation": "tanh", "GELUActivation": "none"}
 
 
+def _gelu_grad(x, approximate: str):
+    """GELU's derivative at ``x`` (``approximate``: "tanh" or "none", as F.gelu's)."""
+    return torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
+
+
 class _ReplayGELU(torch.autograd.Function):
-    """``y = gelu(x)`` whose value was computed already: the forward returns it, the backward is GELU's."""
+    """``y = gelu(x)`` whose value ``y`` and derivative ``dy_dx`` were computed already (by the sampling pass): the
+    forward returns ``y``, the backward multiplies by ``dy_dx``."""
 
     @staticmethod
-    def forward(ctx, x, y, approximate: str):
-        ctx.save_for_backward(x)
-        ctx.approximate = approximate
+    def forward(ctx, x, y, dy_dx):
+        ctx.save_for_backward(dy_dx)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(dy, x, approximate=ctx.approximate), None, None
+        (dy_dx,) = ctx.saved_tensors
+        return dy * dy_dx, None, None
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -142,3 +142,30 @@ def test_unavailable_where_the_python_loop_runs(monkeypatch):
     dec = decoder(gpt2(), 2, 4)
     dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
     assert "FDPG_CPU_DECODE=0" in native.unavailable_reason(dec)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 2e-6)])
+def test_activation_and_the_no_grad_forward(dtype, tol):
+    """The C activation (the prior's no-grad forward) against the modules, odd sizes and 1-3 threads; autograd
+    wanted -> None (the module runs); fdpg's forward under inference mode through it equals the model's."""
+    import transformers.activations as A
+
+    from fdpg.decode import hidden_states
+
+    x = torch.randn(37, 53, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            for act in (A.NewGELUActivation(), A.GELUActivation(), A.GELUTanh(), torch.nn.ReLU()):
+                torch.testing.assert_close(native.activation(x, act), act(x), atol=tol, rtol=tol)
+        finally:
+            torch.set_num_threads(1)
+    assert native.activation(x.requires_grad_(), A.NewGELUActivation()) is None
+    assert native.activation(x.detach(), torch.nn.SiLU()) is None
+    model = gpt2("gelu_new", dtype=dtype)
+    ids, mask = contexts("padded", 5)
+    with torch.inference_mode():
+        got = hidden_states(model, ids, mask)
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+        want = model.transformer(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    torch.testing.assert_close(got[mask], want[mask], atol=50 * tol, rtol=50 * tol)
