@@ -100,6 +100,10 @@ def _load(dtype):
                 _libs[dtype] = (*fns, gemm[dtype], threads)
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 _libs[dtype] = f"{type(e).__name__}: {e}"
+                import warnings
+
+                warnings.warn(f"fdpg.cpu_decode: the native CPU loop is unavailable ({_libs[dtype]}); sampling "
+                              "takes the Python loop", stacklevel=3)
         return _libs[dtype]
 
 
