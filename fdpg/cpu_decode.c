@@ -436,19 +436,19 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
 /* ---- the no-grad forward over whole sequences (the prior's scoring pass): the activation ------------------- */
 
 typedef struct {
-    const int64_t *dims;       /* rows, (unused: 11), act, n, nthreads */
+    const int64_t *dims;       /* rows, act, n, nthreads */
     const double *fp;
     void *const *ptr;          /* x, y */
     int64_t b0, b1;
     int (*body)(const void *job);
 } Job;
 
-/* y = act(x) over rows b0..b1-1 of n elements each (dims[13]) */
+/* y = act(x) over rows b0..b1-1 of n elements each (dims[2]) */
 static int activation_rows(const void *arg) {
     const Job *jb = (const Job *)arg;
-    const int64_t n = jb->dims[13];
+    const int64_t n = jb->dims[2];
     activation((const real *)jb->ptr[0] + jb->b0 * n, (real *)jb->ptr[1] + jb->b0 * n, NULL,
-               (jb->b1 - jb->b0) * n, jb->dims[12]);
+               (jb->b1 - jb->b0) * n, jb->dims[1]);
     return 0;
 }
 
@@ -483,5 +483,5 @@ static int64_t parallel_rows(int64_t rows, int64_t nthreads, const int64_t *dims
 }
 
 int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr) {
-    return parallel_rows(dims[0], dims[14], dims, fp, ptr, activation_rows);
+    return parallel_rows(dims[0], dims[3], dims, fp, ptr, activation_rows);
 }

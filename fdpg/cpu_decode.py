@@ -107,10 +107,16 @@ def _load(dtype):
         return _libs[dtype]
 
 
-def unavailable_reason(dec, all_done=None) -> str | None:
-    """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
+def _library_reason(dtype) -> str | None:
+    """Why the native library cannot serve ``dtype`` (turned off, or not loadable), or None."""
     if os.environ.get("FDPG_CPU_DECODE", "1") == "0":
         return "FDPG_CPU_DECODE=0"
+    lib = _load(dtype)
+    return lib if isinstance(lib, str) else None
+
+
+def unavailable_reason(dec, all_done=None) -> str | None:
+    """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
     if type(dec).__name__ != "_GPT2":
         return "the native loop knows GPT-2 only"
     if not dec.slab:
@@ -127,8 +133,7 @@ def unavailable_reason(dec, all_done=None) -> str | None:
                     ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias]
     if any(t is None or not t.is_contiguous() for t in tensors):
         return "a weight that is missing (no bias or affine norm) or not contiguous"
-    lib = _load(dec.wdtype)
-    return lib if isinstance(lib, str) else None
+    return _library_reason(dec.wdtype)
 
 
 def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pad: int, stop_check_every: int,
@@ -190,7 +195,7 @@ def _native_ok(*ts) -> bool:
     return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
             and all(x.dtype == t.dtype and x.device == t.device for x in ts)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in ts))
-            and os.environ.get("FDPG_CPU_DECODE", "1") != "0" and not isinstance(_load(t.dtype), str))
+            and _library_reason(t.dtype) is None)
 
 
 def activation(x: torch.Tensor, act) -> torch.Tensor | None:
@@ -201,6 +206,6 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
         return None
     y = torch.empty_like(x)
     n = x.shape[-1]
-    dims = [x.numel() // n] + [0] * 11 + [kind, n, torch.get_num_threads()]    # as Job.dims in cpu_decode.c
+    dims = [x.numel() // n, kind, n, torch.get_num_threads()]                  # as Job.dims in cpu_decode.c
     _call(_load(x.dtype)[1], dims, [], [x.data_ptr(), y.data_ptr()])
     return y
