@@ -9,11 +9,23 @@
 #
 # Each part writes <part>.log (and JSON where the tool has it) under $OUT (default ./gpu-out). A part's commands
 # have their own time limits, so that a slow one leaves the others their turn.
+#
+# The GPU machine has no registry. Peers travel as wheels in .whl/ (git-ignored; carried), fetched here with
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets dill multiprocess
+# and NAVER disco as source in .peers/disco (a copy of disco-src/disco; Python 3.12 has no `imp`: comment out its
+# unused `import imp` in disco/utils/__init__.py). Both are picked up below when present.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
-export TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+export FDPG_CUDA_ARCHS=${FDPG_CUDA_ARCHS:-90}   # H100/H200: sm_90 only (the build takes ~20 s)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fdpg-peers .whl/*.whl \
+    && export PYTHONPATH=/tmp/fdpg-peers${PYTHONPATH:+:$PYTHONPATH}
+fi
+[ -d .peers ] && export PYTHONPATH=$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}
 
 run() {  # run <seconds> <log> <command...>: one command, its time limit, its output appended to the part's log
   local limit=$1 log=$2
@@ -36,7 +48,7 @@ part_setup() {
 
 part_tests() {
   local log=$OUT/tests.log
-  run 420 "$log" $PY -m pytest -q -m gpu -x -p no:cacheprovider
+  run 420 "$log" $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 --timeout 200 -rfE
   tail -3 "$log"
 }
 
@@ -50,7 +62,8 @@ part_kernels() {
 part_e2e() {
   local log=$OUT/e2e.log
   for L in 64 128 256; do
-    run 150 "$log" $PY benchmarks/e2e.py --config gpt2-small --length "$L" --steps 10 --json "$OUT/e2e-gpt2-$L.json"
+    run 150 "$log" $PY benchmarks/e2e.py --config gpt2-small --length "$L" --steps 10 --json "$OUT/e2e-gpt2-$L.json" \
+      ${E2E_PEERS:+--peers "$E2E_PEERS"}
   done
   run 150 "$log" $PY benchmarks/e2e.py --config llama-1b --steps 5 --json "$OUT/e2e-llama-1b.json"
 }

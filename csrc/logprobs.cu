@@ -418,10 +418,9 @@ extern "C" cudaError_t fdpg_paired_logprobs_fwd(int policy_dtype, int prior_dtyp
                                                 float* policy_lse, float* policy_max, float* prior_lp,
                                                 float* prior_lse, float* prior_max, float* entropy, float* kl,
                                                 cudaStream_t stream) {
-    if (rows < 0 || vocab <= 0 || !(temperature > 0.f) || (with_kl && prior == nullptr) || policy_rows.t1 < 1 ||
-        prior_rows.t1 < 1)
-        return cudaErrorInvalidValue;
-    if (rows == 0) return cudaSuccess;
+    if (rows < 0 || vocab <= 0 || !(temperature > 0.f)) return cudaErrorInvalidValue;
+    if (rows == 0) return cudaSuccess;  // nothing to launch (and an empty tensor's data pointer is NULL)
+    if ((with_kl && prior == nullptr) || policy_rows.t1 < 1 || prior_rows.t1 < 1) return cudaErrorInvalidValue;
     const FwdArgs a{policy, prior, policy_rows, prior_rows, targets, rows, vocab, kLog2e / temperature, temperature,
                     policy_lp, policy_lse, policy_max, prior_lp, prior_lse, prior_max, entropy, kl};
     return dispatch_dtype(policy_dtype, [&](auto kp) -> cudaError_t {
@@ -451,11 +450,11 @@ extern "C" cudaError_t fdpg_paired_logprobs_bwd(int policy_dtype, int prior_dtyp
                                                 const float* entropy, const float* kl, int64_t rows, int64_t vocab,
                                                 float temperature, cudaStream_t stream) {
     const bool ent = grad_entropy != nullptr, with_kl = grad_kl != nullptr;
-    if (rows < 0 || vocab <= 0 || !(temperature > 0.f) || (ent && entropy == nullptr) ||
-        (with_kl && (prior == nullptr || prior_lse == nullptr || kl == nullptr)) || policy_rows.t1 < 1 ||
-        prior_rows.t1 < 1 || out_rows.t1 < 1)
+    if (rows < 0 || vocab <= 0 || !(temperature > 0.f)) return cudaErrorInvalidValue;
+    if (rows == 0) return cudaSuccess;  // nothing to launch (and an empty tensor's data pointer is NULL)
+    if ((ent && entropy == nullptr) || (with_kl && (prior == nullptr || prior_lse == nullptr || kl == nullptr)) ||
+        policy_rows.t1 < 1 || prior_rows.t1 < 1 || out_rows.t1 < 1)
         return cudaErrorInvalidValue;
-    if (rows == 0) return cudaSuccess;
     const BwdArgs a{policy, prior, grad_out, policy_rows, prior_rows, out_rows, targets, policy_lse, prior_lse,
                     grad_lp, grad_lse, grad_entropy, grad_kl, entropy, kl, rows, vocab, kLog2e / temperature,
                     1.f / temperature};

@@ -36,7 +36,7 @@ _lock = threading.RLock()
 _ops: dict = {}  # keeps the Python custom ops alive
 
 __all__ = [
-    "available", "load_error", "load_library", "loaded_path",
+    "available", "ready", "load_error", "load_library", "loaded_path",
     "paired_logprobs_fwd", "paired_logprobs_bwd", "sequence_sums", "coefficients", "estimates",
     "token_stats_forward", "token_stats_backward", "masked_row_sums", "divergence_params",
 ]
@@ -53,6 +53,17 @@ def available() -> bool:
             except Exception as e:  # never raise from here: the package falls back to Triton/torch
                 _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
         return _state["ok"]
+
+
+def ready() -> bool:
+    """True when the extension is loaded, or loads from a prebuilt library now; never builds it (``backend="auto"``
+    takes the CUDA kernels only then: a just-in-time build is for an explicit ``backend="cuda"``)."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+    if not _prebuilt() or not torch.cuda.is_available():
+        return False
+    return available()
 
 
 def load_error() -> Optional[str]:

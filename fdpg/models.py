@@ -143,11 +143,14 @@ def max_positions(model) -> int | None:
 _FUSABLE = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo", "olmo2", "smollm3", "gptj"}
 
 
-def use_fused_output(model, choice: str = "auto") -> bool:
+def use_fused_output(model, choice: str = "auto", logits_rows: int | None = None) -> bool:
     """Whether to score through ``fdpg.paired_linear_token_logprobs`` (``choice``: "auto" | "fused" | "logits").
 
-    "auto": fused on a GPU for the model families known to apply a plain Linear output layer (the B x T x V logits
-    never exist); the logits path elsewhere (on the CPU the torch fused path would only add a recompute).
+    "auto": on a GPU, for the model families known to apply a plain Linear output layer, fused only where the
+    logits of ``logits_rows`` positions (three ``[rows, V]`` float32-sized buffers: policy, its gradient, prior)
+    would take more than a quarter of the GPU's memory; otherwise the logits path, which is faster where memory
+    allows (cuBLAS runs the output GEMM nearer the matmul rate than the fused op: benchmarks/RESULTS.md). With
+    ``logits_rows`` None, fused wherever it applies on a GPU. The logits path on the CPU.
     """
     if choice == "logits":
         return False
@@ -158,8 +161,22 @@ def use_fused_output(model, choice: str = "auto") -> bool:
             raise ConfigError("output_layer", f"{type(model).__name__} has no plain Linear output layer over a base "
                                              "model; use output_layer: logits")
         return True
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    return ok and on_gpu and getattr(model.config, "model_type", None) in _FUSABLE
+    device = next(model.parameters()).device
+    if not (ok and device.type == "cuda" and getattr(model.config, "model_type", None) in _FUSABLE):
+        return False
+    if logits_rows is None:
+        return True
+    need = 3 * logits_rows * vocab_size(model) * 4
+    return need > torch.cuda.get_device_properties(device).total_memory // 4
+
+
+def _autocast_cast(*ts):
+    """Under autocast, the tensors in the autocast dtype (as ``F.linear`` would take them); else unchanged."""
+    dev = next(t.device.type for t in ts if t is not None)
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dt) for t in ts)
 
 
 @dataclass
@@ -210,19 +227,22 @@ def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused
     sl = slice(P - 1, P + T - 1)  # the logits at position i predict token i + 1
     grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
     if fused:
+        # under autocast the output layer's operands are cast as F.linear would cast them (a float32 master
+        # weight would otherwise send the fused op down its float32 matmul path)
         with grad_ctx:
             h_pi = _hidden(policy, inp)[:, sl]
-        w_pi = policy.get_output_embeddings()
+            w_pi = policy.get_output_embeddings()
+            h_pi, wt_pi, b_pi = _autocast_cast(h_pi, w_pi.weight, w_pi.bias)
         if with_prior:
             with torch.inference_mode():
                 h_a = _hidden(prior, inp)[:, sl]
-            w_a = prior.get_output_embeddings()
+                w_a = prior.get_output_embeddings()
+                h_a, wt_a, b_a = _autocast_cast(h_a, w_a.weight, w_a.bias)
             with grad_ctx:
-                return fdpg.paired_linear_token_logprobs(h_pi, w_pi.weight, h_a, w_a.weight, tokens,
-                                                         policy_bias=w_pi.bias, prior_bias=w_a.bias,
-                                                         validate=False)
+                return fdpg.paired_linear_token_logprobs(h_pi, wt_pi, h_a, wt_a, tokens, policy_bias=b_pi,
+                                                         prior_bias=b_a, validate=False)
         with grad_ctx:
-            return fdpg.linear_token_logprobs(h_pi, w_pi.weight, tokens, bias=w_pi.bias, validate=False), None
+            return fdpg.linear_token_logprobs(h_pi, wt_pi, tokens, bias=b_pi, validate=False), None
     with grad_ctx:
         z_pi = _logits(policy, inp, sl)
     if with_prior:

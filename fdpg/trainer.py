@@ -139,7 +139,9 @@ class Trainer:
         if eos_token_id(self.policy) != self.eos:
             raise ConfigError("policy", f"EOS token {eos_token_id(self.policy)} differs from the prior's {self.eos}")
         self.pad = 0 if self.eos is None else self.eos
-        self.fused = use_fused_output(self.policy, cfg.output_layer) and use_fused_output(self.prior, cfg.output_layer)
+        rows = cfg.batch_size * cfg.max_length  # logits positions of one scored batch
+        self.fused = (use_fused_output(self.policy, cfg.output_layer, rows)
+                      and use_fused_output(self.prior, cfg.output_layer, rows))
         self.on_policy = cfg.offline is None and cfg.proposal.update == "on_policy"
         self.proposal = None
         if cfg.proposal.update == "kl_adaptive":

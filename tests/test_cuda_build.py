@@ -269,3 +269,29 @@ def test_import_never_raises_and_reports_why_unavailable():
     if not torch.cuda.is_available():
         assert _cuda.available() is False
         assert "CUDA" in _cuda.load_error()
+
+
+def test_auto_backend_prefers_a_built_cuda_extension(monkeypatch):
+    """"auto" on CUDA tensors: the CUDA kernel where the op has one and the extension is ready (never a JIT build),
+    else Triton; the torch reference on the CPU."""
+    from fdpg.ops import _checks as C
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(C, "triton_available", lambda: True)
+    monkeypatch.setattr(C, "cuda_extension_ready", lambda: True)
+    assert C.backend("auto", cuda, cuda_ok=True) == "cuda"
+    assert C.backend("auto", cuda) == "triton"  # an op without a CUDA kernel (the fused output layer)
+    assert C.backend("auto", torch.device("cpu"), cuda_ok=True) == "torch"
+    monkeypatch.setattr(C, "cuda_extension_ready", lambda: False)
+    assert C.backend("auto", cuda, cuda_ok=True) == "triton"
+    monkeypatch.setattr(C, "triton_available", lambda: False)
+    assert C.backend("auto", cuda, cuda_ok=True) == "torch"
+
+
+def test_ready_never_builds(monkeypatch):
+    from fdpg import _cuda
+
+    monkeypatch.setattr(_cuda, "_state", {})
+    monkeypatch.setattr(_cuda, "_prebuilt", lambda: [])
+    monkeypatch.setattr(_cuda, "_try_load", lambda: pytest.fail("ready() must not try a build"))
+    assert _cuda.ready() is False

@@ -229,7 +229,9 @@ def ref_grad(policy, prior, targets, tau, g_lp, g_h, g_kl, g_lse=None):
 def close_grad(got, want, dtype):
     assert got.dtype == dtype
     rtol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-4}[dtype]
-    atol = 1e-6 + 1e-5 * float(want.abs().max())
+    # The upstream gradients are O(1): float32 rounding of p = 2^(x log2e / T - L2) is ~1e-6 of them, also where
+    # the exact gradient is 0 (V = 1: p = 1 exactly).
+    atol = 1e-5 * max(float(want.abs().max()), 1.0)
     torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=rtol, atol=atol)
 
 
@@ -293,7 +295,9 @@ def test_max_outputs_and_kernel_module_interface(gen):
     st = _cuda.token_stats_forward(pol, pri, t, 0.7, entropy=True, kl=True)
     assert set(st) == {"lp", "lse", "max", "entropy", "kl", "prior_lp", "prior_lse", "prior_max"}
     want = ref_paired(pol, pri, t, 0.7)
-    assert torch.equal(st["max"], want["max"]) and torch.equal(st["prior_max"], want["qmax"])
+    # max(x) / T in float32: torch on CUDA multiplies by 1/T where the kernel divides; equal to within an ulp
+    close(st["max"], want["max"], atol=0, rtol=4e-7)
+    close(st["prior_max"], want["qmax"], atol=0, rtol=4e-7)
     for k, w in (("lp", "lp"), ("lse", "lse"), ("entropy", "H"), ("kl", "kl"), ("prior_lp", "qlp"),
                  ("prior_lse", "qlse")):
         close(st[k], want[w])
@@ -473,13 +477,17 @@ def test_torch_compile_matches_eager(gen):
     def f(pol, pri, t):
         lp, lse, qlp, qlse, ent, kl = _cuda.paired_logprobs_fwd(pol, pri, t, 0.8, True, True)
         seq = _cuda.sequence_sums(lp.view(4, 4), t.view(4, 4) > 3)
-        coef = _cuda.coefficients(seq, qlp.view(4, 4).sum(-1), seq - 1.0, "js")[0]
+        # on-policy (q = pi): well-conditioned coefficients. With q far from pi one sample holds nearly all the
+        # weight and its coefficient w (f'(t) - B) cancels, so an ulp of difference in inductor's sum of qlp
+        # against eager's is amplified thousands of times.
+        coef = _cuda.coefficients(seq, seq, qlp.view(4, 4).sum(-1), "js")[0]
         return lp, ent, kl, coef
 
     eager = f(pol, pri, t)
     compiled = torch.compile(f, fullgraph=True)(pol, pri, t)
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(eager[:3], compiled[:3]):  # the custom ops on the same inputs: bit for bit
+        assert torch.equal(a, b)
+    torch.testing.assert_close(eager[3], compiled[3], rtol=1e-5, atol=1e-6)
 
 
 def test_opcheck(gen):

@@ -122,3 +122,34 @@ def test_all_done_decides_the_early_stop(model):
     assert sample(model, 8, 30, eos_token_id=0, generator=g(), all_done=lambda local: True).tokens.shape[1] == 1
     assert torch.equal(sample(model, 8, 30, eos_token_id=0, generator=g(), all_done=lambda local: local).tokens,
                        short.tokens)
+
+
+def test_fused_scoring_casts_the_output_layer_like_autocast(model, monkeypatch):
+    """Under autocast the fused output-layer op gets the hidden states and weights in the autocast dtype (as
+    F.linear would), with the gradient flowing back to the float32 weight; the logits path agrees."""
+    s = sample(model, 8, 5, eos_token_id=0, generator=torch.Generator().manual_seed(2))
+    inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
+    seen = []
+    real = fdpg.paired_linear_token_logprobs
+
+    def spy(h, w, ha, wa, *a, **k):
+        seen.append((h.dtype, w.dtype, ha.dtype, wa.dtype))
+        return real(h, w, ha, wa, *a, **k)
+
+    monkeypatch.setattr(fdpg, "paired_linear_token_logprobs", spy)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, la = score_tokens(model, model, inp, s.tokens, fused=True)
+        ref, _ = score_tokens(model, model, inp, s.tokens, fused=False)
+    assert seen == [(torch.bfloat16,) * 4]
+    m = s.mask
+    torch.testing.assert_close(lp[m], ref[m].float(), rtol=0, atol=0.05)
+    torch.testing.assert_close(la[m], lp[m].detach())
+    lp[m].sum().backward()
+    w = model.get_output_embeddings().weight
+    assert w.dtype == torch.float32 and w.grad is not None and w.grad.dtype == torch.float32
+    assert bool(torch.isfinite(w.grad).all()) and float(w.grad.abs().sum()) > 0
+    model.zero_grad()
+    seen.clear()
+    score_tokens(model, model, inp, s.tokens, fused=True, policy_grad=False)  # no autocast: unchanged dtypes
+    assert seen == [(torch.float32,) * 4]

@@ -325,7 +325,8 @@ def test_bad_inputs(gen, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [50257, 128256])
 def test_gpu_large_vocab_auto_dispatch_and_inplace(V):
-    """On CUDA: "auto" runs the Triton kernels; large vocabularies in bf16 against float64; in-place backward."""
+    """On CUDA: "auto" runs the fused kernels (CUDA C++ where the extension is built, else Triton); large
+    vocabularies in bf16 against float64; in-place backward."""
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T = 4, 16
     pol = (torch.randn(B, T, V, device="cuda", generator=g) * 3).bfloat16()

@@ -115,6 +115,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_extension_ready() -> bool:
+    from .. import _cuda
+
+    return _cuda.ready()
+
+
 def cuda_extension_available() -> bool:
     from .. import _cuda
 
@@ -124,13 +130,18 @@ def cuda_extension_available() -> bool:
 def backend(name, device: torch.device, *, cuda_ok: bool = False) -> str:
     """Resolve ``backend`` ("auto" | "triton" | "cuda" | "torch") for tensors on ``device``.
 
-    "auto" picks Triton for CUDA tensors and the torch reference for any other device (Triton's CPU interpreter
-    is for tests: ask for it with backend="triton"). ``cuda_ok`` says whether the op has a CUDA C++ kernel.
+    "auto" picks, for CUDA tensors, the CUDA C++ kernel where the op has one (``cuda_ok``) and the extension is
+    built (the faster of the two on an H100: benchmarks/RESULTS.md), else Triton; the torch reference for any other
+    device (Triton's CPU interpreter is for tests: ask for it with backend="triton").
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if cuda_ok and cuda_extension_ready():
+            return "cuda"
+        return "triton" if triton_available() else "torch"
     if name == "triton":
         if not triton_available():
             raise ValueError("backend: 'triton' requested but triton is not installed (pip install triton), "
