@@ -18,7 +18,7 @@ inputs at the peak of one call. Max err: |lp - float64 reference| over the first
 
 Methods (each skipped with its reason where it cannot run): fdpg's CUDA backend (``fdpg._cuda``), fdpg's Triton
 backend (``fdpg.paired_token_logprobs(..., backend="triton")``, in-place backward via
-``inplace_backward=True``; once more with the forward's online state per lane, ``FDPG_TRITON_FWD=lanes``), eager and ``torch.compile``d ``log_softmax(x.float()).gather``, eager
+``inplace_backward=True``), eager and ``torch.compile``d ``log_softmax(x.float()).gather``, eager
 ``F.cross_entropy(reduction="none")``, and Liger-Kernel's ``LigerCrossEntropyLoss(reduction="none")`` when
 importable.
 """
@@ -115,7 +115,6 @@ def methods(device, tau: float, smoke: bool) -> dict:
         except Exception:
             pass
         out["fdpg triton"] = Method(tri_fwd, tri_step, bwd, lse)
-        out["fdpg triton, lanes forward"] = Method(lanes_forward(tri_fwd), lanes_forward(tri_step), bwd, lse)
 
     # torch: eager and compiled log_softmax + gather; F.cross_entropy
     def torch_method(f):
@@ -244,19 +243,6 @@ def run_shape(N, V, dtype, device, tau, copy_gbs, check_rows, smoke, only=None):
     return rows
 
 
-def lanes_forward(fn):
-    """``fn`` with the Triton forward keeping its online state per lane (``FDPG_TRITON_FWD=lanes``)."""
-    def run(*a):
-        from fdpg.kernels import logprobs as K
-
-        old, K.FWD_VARIANT = K.FWD_VARIANT, "lanes"
-        try:
-            return fn(*a)
-        finally:
-            K.FWD_VARIANT = old
-    return run
-
-
 def run_stats(N, V, dtype, device, tau, copy_gbs):
     """fdpg's forward with and without entropy + exact KL (issue 9: at most 10% more time)."""
     print(f"\n### forward with entropy and exact KL(pi || a), N = {N}, V = {V}\n")
@@ -268,10 +254,8 @@ def run_stats(N, V, dtype, device, tau, copy_gbs):
     cases = []
     if _cuda.available():
         cases.append(("fdpg cuda", lambda st: _cuda.paired_logprobs_fwd(x, xp, y, tau, st, st)))
-    def tri(st):
-        return fdpg.paired_token_stats(x, xp, y, entropy=st, kl=st, temperature=tau, backend="triton")
-
-    cases += [("fdpg triton", tri), ("fdpg triton, lanes forward", lanes_forward(tri))]
+    cases.append(("fdpg triton", lambda st: fdpg.paired_token_stats(x, xp, y, entropy=st, kl=st, temperature=tau,
+                                                                     backend="triton")))
     for name, f in cases:
         try:
             a, b = bench(lambda: f(False), device), bench(lambda: f(True), device)

@@ -11,10 +11,6 @@ log-prob, the logsumexp and the max of ``z / tau``, and optionally the policy en
 
 Every accumulator is rescaled by ``exp(m_old - m_new)`` (and shifted by ``S (m_old - m_new)``) when a max grows,
 so all terms stay relative to each model's max. Out-of-range vocabulary columns load as ``-inf`` in every tile.
-Two variants keep that state: per row, reduced over each tile (``_token_stats_fwd_kernel``, the default), or per
-lane, one column of the tile at a time with one exp per element, combined over the lanes once per row
-(``_token_stats_fwd_lanes_kernel``: no cross-warp reduction in the loop, as the CUDA kernel does it);
-``FDPG_TRITON_FWD=lanes`` selects the second.
 
 Backward (:func:`token_stats_backward`) writes, per element of the policy logits,
 
@@ -29,7 +25,6 @@ runs under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -42,14 +37,11 @@ __all__ = ["token_stats_forward", "token_stats_backward", "masked_row_sums", "ro
 POISON = False
 # (rows, block_v) forced for every launch (tests use it to cover several tiles and ROWS = 1); None: heuristic.
 FORCE_CONFIG: tuple[int, int] | None = None
-# The forward's online state: "tiles" (per row, reduced over each vocabulary tile) or "lanes" (per column of the
-# tile, reduced once per row). $FDPG_TRITON_FWD picks it at import; benchmarks/bench_logprobs.py --variants times both.
-FWD_VARIANT = os.environ.get("FDPG_TRITON_FWD", "tiles")
-if FWD_VARIANT not in ("tiles", "lanes"):
-    raise ValueError(f"FDPG_TRITON_FWD: expected 'tiles' or 'lanes', got {FWD_VARIANT!r}")
 
 
 def _interpreting() -> bool:
+    import os
+
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -187,104 +179,6 @@ def _token_stats_fwd_kernel(
 
 
 @triton.jit
-def _lane_push(m, s, x):
-    """One element ``x`` per lane into a lane's running max ``m`` and ``s = sum exp(x_i - m)``: one exp.
-    Returns ``(m', s', gt, ex, d)``: ``gt`` the max grew, ``ex = exp(-|x - m|)`` (0 where either side is -inf),
-    ``d = m - x`` where it grew, else ``x - m``. A NaN logit makes the lane's ``s`` (so the row's logsumexp) NaN."""
-    NEG_INF: tl.constexpr = float("-inf")
-    gt = x > m
-    d = tl.where(gt, m - x, x - m)
-    ex = tl.where((x == NEG_INF) & (m == NEG_INF), 0.0, tl.exp(d))
-    return (tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL), tl.where(gt, s * ex + 1.0, s + ex), gt, ex, d)
-
-
-@triton.jit
-def _token_stats_fwd_lanes_kernel(
-    z_ptr, z_s0, z_s1, z_t1, z_sv,
-    zp_ptr, zp_s0, zp_s1, zp_t1, zp_sv,
-    y_ptr,
-    lp_ptr, lse_ptr, mx_ptr, ent_ptr, kl_ptr,
-    plp_ptr, plse_ptr, pmx_ptr,
-    N, V, inv_tau,
-    HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """The forward of :func:`_token_stats_fwd_kernel` with the online state kept per lane (per column of the
-    tile) and combined over the lanes once per row: no cross-warp reduction inside the vocabulary loop, one exp
-    per element and model (MATH.md's accumulators, one column at a time)."""
-    NEG_INF: tl.constexpr = float("-inf")
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
-    r64 = rows.to(tl.int64)
-    zrow = (r64 // z_t1) * z_s0 + (r64 % z_t1) * z_s1
-    if HAS_PRIOR:
-        zprow = (r64 // zp_t1) * zp_s0 + (r64 % zp_t1) * zp_s1
-    cols0 = tl.arange(0, BLOCK_V)
-
-    m = tl.full([ROWS, BLOCK_V], NEG_INF, tl.float32)   # per lane: running max of x = z / tau
-    s = tl.zeros([ROWS, BLOCK_V], tl.float32)           # sum exp(x - m)
-    b = tl.zeros([ROWS, BLOCK_V], tl.float32)           # sum exp(x - m) (x - m)
-    pm = tl.full([ROWS, BLOCK_V], NEG_INF, tl.float32)  # prior: running max of x'
-    ps = tl.zeros([ROWS, BLOCK_V], tl.float32)          # sum exp(x' - m')
-    c = tl.zeros([ROWS, BLOCK_V], tl.float32)           # sum exp(x - m) (x' - m')
-
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
-        msk = row_ok[:, None] & (cols < V)[None, :]
-        coff = cols.to(tl.int64)[None, :]
-        x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-        if HAS_PRIOR:
-            xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-        s_old = s
-        m, s, gt, ex, d = _lane_push(m, s, x)
-        if ENTROPY or KL:
-            # grew: b' = exp(m - x) (b + s (m - x)); else b' = b + exp(x - m) (x - m)
-            b = tl.where(gt, ex * b + tl.where(s_old > 0, ex * s_old * d, 0.0),
-                         b + tl.where(ex > 0, ex * d, 0.0))
-        if HAS_PRIOR:
-            pm_old = pm
-            pm, ps, _pgt, _pex, _pd = _lane_push(pm, ps, xp)
-            if KL:
-                a = tl.where(gt, ex, 1.0)                  # exp(m_old - m_new)
-                w = tl.where(gt, 1.0, ex)                  # exp(x - m_new)
-                pm_use = tl.where(pm == NEG_INF, 0.0, pm)
-                pshift = tl.where(pm_old == NEG_INF, 0.0, pm_old - pm_use)
-                c = a * (c + tl.where(s_old > 0, s_old * pshift, 0.0)) + tl.where(w > 0, w * (xp - pm_use), 0.0)
-
-    M = tl.max(m, 1)
-    M_use = tl.where(M == NEG_INF, 0.0, M)
-    f = tl.exp(m - M_use[:, None])                        # 0 for lanes that saw only -inf
-    S = tl.sum(f * s, 1)
-    logS = tl.log(S)
-    lse = M + logS
-    y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    y_ok = row_ok & (y >= 0) & (y < V)
-    zy = tl.load(z_ptr + zrow + y * z_sv, mask=y_ok, other=float("nan")).to(tl.float32) * inv_tau
-    tl.store(lp_ptr + rows, zy - lse, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(mx_ptr + rows, M, mask=row_ok)
-    if ENTROPY or KL:
-        Bs = tl.sum(tl.where(s > 0, f * (b + s * (m - M_use[:, None])), 0.0), 1)
-        if ENTROPY:
-            tl.store(ent_ptr + rows, logS - Bs / S, mask=row_ok)
-    if HAS_PRIOR:
-        PM = tl.max(pm, 1)
-        PM_use = tl.where(PM == NEG_INF, 0.0, PM)
-        PS = tl.sum(tl.exp(pm - PM_use[:, None]) * ps, 1)
-        logPS = tl.log(PS)
-        plse = PM + logPS
-        zpy = tl.load(zp_ptr + zprow + y * zp_sv, mask=y_ok, other=float("nan")).to(tl.float32) * inv_tau
-        tl.store(plp_ptr + rows, zpy - plse, mask=row_ok)
-        tl.store(plse_ptr + rows, plse, mask=row_ok)
-        tl.store(pmx_ptr + rows, PM, mask=row_ok)
-        if KL:
-            lane_shift = tl.where(pm == NEG_INF, 0.0, pm - PM_use[:, None])
-            Cs = tl.sum(tl.where(s > 0, f * (c + s * lane_shift), 0.0), 1)
-            tl.store(kl_ptr + rows, (Bs - Cs) / S - logS + logPS, mask=row_ok)
-
-
-@triton.jit
 def _token_stats_bwd_kernel(
     z_ptr, z_s0, z_s1, z_t1, z_sv,
     zp_ptr, zp_s0, zp_s1, zp_t1, zp_sv,
@@ -405,8 +299,7 @@ def token_stats_forward(policy: torch.Tensor, prior: torch.Tensor | None, target
     y = _flat(targets)
     rows, block, warps = _config(N, V)
     dummy = out["lp"]
-    kernel = _token_stats_fwd_lanes_kernel if FWD_VARIANT == "lanes" else _token_stats_fwd_kernel
-    kernel[(triton.cdiv(N, rows),)](
+    _token_stats_fwd_kernel[(triton.cdiv(N, rows),)](
         z, *zl, zp, *zpl, y,
         out["lp"], out["lse"], out["max"], out.get("entropy", dummy), out.get("kl", dummy),
         out.get("prior_lp", dummy), out.get("prior_lse", dummy), out.get("prior_max", dummy),

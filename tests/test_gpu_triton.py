@@ -16,14 +16,6 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}  # inputs
 DIVS = ["forward_kl", "reverse_kl", "tv", "js", "hellinger", "chi2", "alpha:0.5", "alpha:-0.7", "alpha:2"]
 
 
-@pytest.fixture(autouse=True, params=["tiles", "lanes"])
-def variant(monkeypatch, request):
-    """Both forward variants of the Triton log-prob kernel (the online state per tile or per lane)."""
-    from fdpg.kernels import logprobs as K
-
-    monkeypatch.setattr(K, "FWD_VARIANT", request.param)
-
-
 def close(got, want, what, rtol=2e-5):
     scale = float(want.abs().max()) if want.numel() else 1.0
     torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=rtol, atol=rtol * max(scale, 1.0), msg=what)

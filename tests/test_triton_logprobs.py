@@ -15,11 +15,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf - inf lanes
 
 
-@pytest.fixture(autouse=True, params=["tiles", "lanes"])
-def poison(monkeypatch, request):
-    """NaN-filled outputs; every test under both forward variants (the online state per tile or per lane)."""
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
     monkeypatch.setattr(K, "POISON", True)
-    monkeypatch.setattr(K, "FWD_VARIANT", request.param)
 
 
 def rand_logits(shape, dtype, gen, scale=4.0):
