@@ -153,3 +153,35 @@ def test_fused_scoring_casts_the_output_layer_like_autocast(model, monkeypatch):
     seen.clear()
     score_tokens(model, model, inp, s.tokens, fused=True, policy_grad=False)  # no autocast: unchanged dtypes
     assert seen == [(torch.float32,) * 4]
+
+
+def test_output_layer_auto_takes_the_logits_path_where_they_fit(model, monkeypatch):
+    """output_layer "auto" on a GPU: the fused op only where three [rows, V] float32 buffers would take more than a
+    quarter of the GPU's memory; "fused"/"logits" as asked; the CPU never fuses under "auto"."""
+    from types import SimpleNamespace
+
+    from fdpg.models import use_fused_output
+
+    V = model.get_output_embeddings().weight.shape[0]
+
+    class OnGPU(torch.nn.Module):  # the real model, its parameters reported on a CUDA device
+        def __init__(self):
+            super().__init__()
+            self.m = model
+            self.config, self.base_model = model.config, model.base_model
+
+        def get_output_embeddings(self):
+            return model.get_output_embeddings()
+
+        def parameters(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda"))])
+
+    total = 3 * 1000 * V * 4 * 4  # a GPU on which 1000 rows take exactly a quarter
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=total))
+    gpu = OnGPU()
+    assert use_fused_output(gpu, "auto", 1000) is False
+    assert use_fused_output(gpu, "auto", 1001) is True
+    assert use_fused_output(gpu, "auto") is True
+    assert use_fused_output(gpu, "logits", 10**9) is False
+    assert use_fused_output(gpu, "fused", 1) is True
+    assert use_fused_output(model, "auto", 10**9) is False  # on the CPU
