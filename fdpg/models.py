@@ -200,19 +200,24 @@ def model_inputs(context_ids: torch.Tensor, context_mask: torch.Tensor | None, t
     return ModelInputs(ids, attn, pos, context_ids.shape[1])
 
 
-def _hidden(model, inp: ModelInputs) -> torch.Tensor:
-    """The final hidden states ``[B, P+T, d]``: fdpg's own forward for GPT-2 and Llama (no host sync, cheaper
-    attention on the CPU), the model's elsewhere (:func:`fdpg.decode.hidden_states`)."""
+def _hidden(model, inp: ModelInputs, stop: int | None = None) -> torch.Tensor:
+    """The final hidden states ``[B, P+T, d]`` (``[B, stop, d]``: a causal model's first ``stop`` positions need no
+    later token, so an eval-mode forward runs on those alone; in train mode the whole sequence, so that dropout draws
+    what a full forward draws): fdpg's own forward for GPT-2 and Llama (no host sync, cheaper attention on the CPU),
+    the model's elsewhere (:func:`fdpg.decode.hidden_states`)."""
     from .decode import hidden_states
 
-    return hidden_states(model, inp.input_ids, inp.attention_mask)
+    ids, mask = inp.input_ids, inp.attention_mask
+    if stop is not None and 0 < stop < ids.shape[1] and not model.training:
+        ids, mask = ids[:, :stop], None if mask is None else mask[:, :stop]
+    return hidden_states(model, ids, mask)
 
 
 def _logits(model, inp: ModelInputs, sl: slice = slice(None)) -> torch.Tensor:
     """The logits ``[B, len(sl), V]`` at positions ``sl`` (the output layer on those positions only)."""
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and hasattr(model, "base_model") and model.base_model is not model:
-        return head(_hidden(model, inp)[:, sl])
+        return head(_hidden(model, inp, sl.stop)[:, sl])
     return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
                  use_cache=False).logits[:, sl]
 
@@ -230,12 +235,12 @@ def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused
         # under autocast the output layer's operands are cast as F.linear would cast them (a float32 master
         # weight would otherwise send the fused op down its float32 matmul path)
         with grad_ctx:
-            h_pi = _hidden(policy, inp)[:, sl]
+            h_pi = _hidden(policy, inp, sl.stop)[:, sl]
             w_pi = policy.get_output_embeddings()
             h_pi, wt_pi, b_pi = _autocast_cast(h_pi, w_pi.weight, w_pi.bias)
         if with_prior:
             with torch.inference_mode():
-                h_a = _hidden(prior, inp)[:, sl]
+                h_a = _hidden(prior, inp, sl.stop)[:, sl]
                 w_a = prior.get_output_embeddings()
                 h_a, wt_a, b_a = _autocast_cast(h_a, w_a.weight, w_a.bias)
             with grad_ctx:

@@ -38,7 +38,7 @@ import torch
 import fdpg
 from . import qlearning as Q
 from .config import Q_ALGORITHMS, Config, ConfigError
-from .models import _hidden, _logits, model_inputs
+from .models import _autocast_cast, _hidden, _logits, model_inputs
 from .sampling import Samples
 from .targets import SeqBatch
 from .trainer import Trainer, _fmt
@@ -145,12 +145,12 @@ class QTrainer(Trainer):
     def _paired(self, inp, tokens: torch.Tensor, sl: slice, kl: bool):
         """``(policy_lp, policy_lse, prior_lp, kl or None)`` ``[B, T]`` float32: policy fields with grad."""
         if self.fused and not kl:
-            h_pi = _hidden(self.policy, inp)[:, sl]
-            with torch.inference_mode():
-                h_a = _hidden(self.prior, inp)[:, sl]
             w_pi, w_a = self.policy.get_output_embeddings(), self.prior.get_output_embeddings()
-            o = fdpg.paired_linear_token_logprobs(h_pi, w_pi.weight, h_a, w_a.weight, tokens, policy_bias=w_pi.bias,
-                                                  prior_bias=w_a.bias, validate=False, return_lse=True)
+            h_pi, wt_pi, b_pi = _autocast_cast(_hidden(self.policy, inp, sl.stop)[:, sl], w_pi.weight, w_pi.bias)
+            with torch.inference_mode():
+                h_a, wt_a, b_a = _autocast_cast(_hidden(self.prior, inp, sl.stop)[:, sl], w_a.weight, w_a.bias)
+            o = fdpg.paired_linear_token_logprobs(h_pi, wt_pi, h_a, wt_a, tokens, policy_bias=b_pi, prior_bias=b_a,
+                                                  validate=False, return_lse=True)
             return o.policy_lp, o.policy_lse, o.prior_lp, None
         z_pi = _logits(self.policy, inp, sl)
         with torch.no_grad():  # not inference_mode: the exact KL's backward keeps the prior logits
@@ -173,8 +173,8 @@ class QTrainer(Trainer):
                 with self._amp():
                     if self.fused:
                         w = net.get_output_embeddings()
-                        o = fdpg.linear_token_logprobs(_hidden(net, inp)[:, sl], w.weight, tokens, bias=w.bias,
-                                                       validate=False, return_lse=True)
+                        h, wt, b = _autocast_cast(_hidden(net, inp, sl.stop)[:, sl], w.weight, w.bias)
+                        o = fdpg.linear_token_logprobs(h, wt, tokens, bias=b, validate=False, return_lse=True)
                         v = o.lse if self.psi else o.max
                     else:
                         st = fdpg.paired_token_stats(_logits(net, inp, sl), None, tokens, validate=False)

@@ -185,3 +185,22 @@ def test_output_layer_auto_takes_the_logits_path_where_they_fit(model, monkeypat
     assert use_fused_output(gpu, "logits", 10**9) is False
     assert use_fused_output(gpu, "fused", 1) is True
     assert use_fused_output(model, "auto", 10**9) is False  # on the CPU
+
+
+def test_scoring_forward_stops_at_the_last_scored_position(model):
+    """A causal model's hidden states at positions < stop need no later token: the eval-mode forward runs on the
+    first ``stop`` positions only, padded contexts included, and agrees with the full forward there."""
+    from fdpg.models import _hidden
+
+    gen = torch.Generator().manual_seed(5)
+    ctx = torch.randint(1, 5, (3, 4), generator=gen)
+    cmask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    toks = torch.randint(0, 5, (3, 6), generator=gen)
+    inp = model_inputs(ctx, cmask, toks)
+    model.eval()
+    with torch.no_grad():
+        full = _hidden(model, inp)
+        part = _hidden(model, inp, 9)
+    assert full.shape[1] == 10 and part.shape[1] == 9
+    keep = inp.attention_mask[:, :9].bool()
+    torch.testing.assert_close(part[keep], full[:, :9][keep], rtol=1e-5, atol=1e-5)
