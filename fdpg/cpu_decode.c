@@ -3,8 +3,8 @@
  * Built and loaded by fdpg/cpu_decode.py (plain C, no torch headers: compiled in about a second at first use). The
  * GEMMs go to the BLAS inside torch (MKL's sgemm_/dgemm_, passed in as a function pointer); everything else is
  * here. The batch is split into one block of rows per thread and each thread runs its rows through the whole pass
- * (each sequence decodes independently): no synchronisation except the stop checks, and each thread's GEMMs run
- * single-threaded (MKL's thread-local setting). Per step and row: token + position embedding, per layer LayerNorm,
+ * (each sequence decodes independently): no synchronisation (the stop checks count rows, no thread waits for
+ * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). Per step and row: token + position embedding, per layer LayerNorm,
  * the QKV projection written into the slab slot, single-query attention over the filled slots, the output
  * projection, residual, LayerNorm, MLP, residual; the final norm, the output layer, and the draw (softmax in
  * float32, inverse CDF in float64 with the uniform given for that row and step, as fdpg.sampling._draw).
@@ -49,8 +49,7 @@ typedef struct {
     gemm_fn gemm;
     threads_fn set_threads;
     int *counts;               /* [max_length]: rows done at each stop check, summed over threads */
-    pthread_barrier_t barrier;
-    int64_t T;                 /* tokens drawn per row */
+    int *arrived;              /* [max_length]: threads that have added their rows to counts[t] */
     int go;                    /* set once the rows are split among the threads that started */
 } Ctx;
 
@@ -340,6 +339,7 @@ static void *run_rows(void *arg) {
     const double *u = (const double *)P(c, P_U);
     int64_t *tokens = (int64_t *)P(c, P_TOKENS);
     float *lps = (float *)P(c, P_LP);
+    int64_t next = 0;   /* the first stop check this thread has not found complete (every thread arrived) */
     for (int64_t t = 0; t < T; t++) {
         int64_t n_done = 0;
         if (ok) {
@@ -357,21 +357,20 @@ static void *run_rows(void *arg) {
                 lps[(b0 + m) * T + t] = lp;
             }
         }
-        if (t + 1 == T) {
-            c->T = T;
-            break;
-        }
+        if (t + 1 == T) break;
         if (c->eos >= 0 && (t + 1) % c->every == 0) {
-            int total = (int)n_done;
-            if (c->nthreads > 1) {
-                __atomic_fetch_add(&c->counts[t], (int)n_done, __ATOMIC_SEQ_CST);
-                pthread_barrier_wait(&c->barrier);
-                total = __atomic_load_n(&c->counts[t], __ATOMIC_SEQ_CST);
+            /* No waiting: add this thread's rows, then look at the checks every thread has reached, in order. The
+             * first complete check with all B rows done ends the pass (fdpg_sample finds it again); a thread ahead
+             * of the others draws on until it sees that, and what it draws past the end is never read. */
+            __atomic_fetch_add(&c->counts[t], (int)n_done, __ATOMIC_SEQ_CST);
+            __atomic_fetch_add(&c->arrived[t], 1, __ATOMIC_SEQ_CST);
+            int stop = 0;
+            for (; next <= t && !stop; next++) {
+                if ((next + 1) % c->every) continue;
+                if (__atomic_load_n(&c->arrived[next], __ATOMIC_SEQ_CST) < c->nthreads) break;
+                stop = __atomic_load_n(&c->counts[next], __ATOMIC_SEQ_CST) == B;
             }
-            if (total == B) {
-                c->T = t + 1;
-                break;
-            }
+            if (stop) break;
         }
         if (ok) z = step(c, wk, &bf, c->P + t, tok, &ldz);
     }
@@ -405,8 +404,9 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
     Work *wk = calloc((size_t)nt, sizeof(Work));
     pthread_t *th = calloc((size_t)nt, sizeof(pthread_t));
     c.counts = calloc((size_t)c.max_length, sizeof(int));
-    if (!wk || !th || !c.counts) {
-        free(wk), free(th), free(c.counts);
+    c.arrived = calloc((size_t)c.max_length, sizeof(int));
+    if (!wk || !th || !c.counts || !c.arrived) {
+        free(wk), free(th), free(c.counts), free(c.arrived);
         return -1;
     }
     /* start the helper threads first, then split the rows among those that started (and the caller) */
@@ -422,15 +422,19 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
         wk[w].b0 = w * c.B / nt;
         wk[w].nb = (w + 1) * c.B / nt - wk[w].b0;
     }
-    if (nt > 1) pthread_barrier_init(&c.barrier, NULL, (unsigned)nt);
     __atomic_store_n(&c.go, 1, __ATOMIC_RELEASE);
     run_rows(&wk[0]);
     for (int64_t w = 1; w < nt; w++) pthread_join(th[w], NULL);
     for (int64_t w = 0; w < nt; w++)
         if (wk[w].status) result = -1;
-    if (nt > 1) pthread_barrier_destroy(&c.barrier);
-    free(wk), free(th), free(c.counts);
-    return result ? result : c.T;
+    int64_t T = c.max_length;   /* the first check at which every row was done, as the threads found it */
+    for (int64_t t = 0; c.eos >= 0 && t + 1 < c.max_length; t++)
+        if ((t + 1) % c.every == 0 && c.arrived[t] == nt && c.counts[t] == c.B) {
+            T = t + 1;
+            break;
+        }
+    free(wk), free(th), free(c.counts), free(c.arrived);
+    return result ? result : T;
 }
 
 /* ---- the no-grad forward over whole sequences (the prior's scoring pass): the activation ------------------- */
