@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-__all__ = ["run", "unavailable_reason", "activation"]
+__all__ = ["run", "unavailable_reason", "activation", "retain_heap"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
@@ -209,3 +209,37 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     dims = [x.numel() // n, kind, n, torch.get_num_threads()]                  # as Job.dims in cpu_decode.c
     _call(_load(x.dtype)[1], dims, [], [x.data_ptr(), y.data_ptr()])
     return y
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+_heap: dict = {}
+
+
+def retain_heap() -> str | None:
+    """Keep the process's freed memory mapped for reuse (glibc only): allocations below 32 MiB from the heap
+    (``M_MMAP_THRESHOLD``, glibc's ceiling) and no trimming of its top (``M_TRIM_THRESHOLD`` 1 GiB). A CPU training
+    step allocates the same large tensors every step (the sampling pass's recordings, activations, gradients:
+    tens of MB at the tiny benchmark config); glibc otherwise maps them afresh from the kernel, and the first write
+    to each page is a page fault plus a zeroing, about 10 ms a step there. The process's resident memory stays at
+    its high-water mark. Once per process; skipped where ``FDPG_MALLOC=0``, where ``GLIBC_TUNABLES`` or
+    ``MALLOC_*_`` already set malloc, or off glibc. Returns why it was skipped (None when applied)."""
+    with _lock:
+        if "why" not in _heap:
+            _heap["why"] = _tune_heap()
+        return _heap["why"]
+
+
+def _tune_heap() -> str | None:
+    if os.environ.get("FDPG_MALLOC", "1") == "0":
+        return "FDPG_MALLOC=0"
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ):
+        return "malloc is tuned by the environment (GLIBC_TUNABLES or MALLOC_*)"
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "no mallopt (not glibc)"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)):
+        return "mallopt refused the settings"
+    return None

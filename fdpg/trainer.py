@@ -104,6 +104,9 @@ class Trainer:
         if not distributed.is_main():
             self.log = lambda msg: None                                  # rank 0 speaks for the run
         on_gpu = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            from .cpu_decode import retain_heap
+            retain_heap()                            # the step's large tensors reuse mapped pages (no page faults)
         self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu) else None
         self.out = Path(cfg.output_dir)
         if not resume and (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").glob("step-*")):

@@ -169,3 +169,23 @@ def test_activation_and_the_no_grad_forward(dtype, tol):
         pos = (mask.long().cumsum(1) - 1).clamp_min(0)
         want = model.transformer(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     torch.testing.assert_close(got[mask], want[mask], atol=50 * tol, rtol=50 * tol)
+
+
+def test_retain_heap(monkeypatch):
+    """glibc keeps freed memory for reuse once a CPU trainer starts (no page faults on each step's large tensors);
+    the environment can keep it from doing so."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    import os
+
+    for k in [k for k in os.environ if k.startswith("MALLOC_")] + ["GLIBC_TUNABLES", "FDPG_MALLOC"]:
+        monkeypatch.delenv(k, raising=False)
+    assert native.retain_heap() == native.retain_heap()                                 # once per process
+    assert native._tune_heap() is None                                                  # glibc takes the settings
+    monkeypatch.setenv("FDPG_MALLOC", "0")
+    assert native._tune_heap() == "FDPG_MALLOC=0"
+    monkeypatch.delenv("FDPG_MALLOC")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert "environment" in native._tune_heap()
