@@ -23,6 +23,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in the accumulation dtype (no copy, no division at temperature 1)."""
+    x = logits.to(_acc(logits.dtype))
+    return x if temperature == 1.0 else x / temperature
+
+
 def _tracked(t):
     """A normal tensor for autograd to save: inference tensors (made under torch.inference_mode) are copied."""
     if t is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
@@ -35,7 +41,7 @@ def token_logprobs_lse(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
     logits ``[..., V]``, targets ``[...]`` (any integer dtype) -> two ``[...]`` tensors.
     """
-    z = logits.to(_acc(logits.dtype)) / temperature
+    z = _scaled(logits, temperature)
     lse = torch.logsumexp(z, -1)
     return z.gather(-1, _tracked(targets).long().unsqueeze(-1)).squeeze(-1) - lse, lse
 
@@ -72,7 +78,7 @@ def paired_token_stats(policy_logits, prior_logits, targets, mask=None, entropy:
     out = dict.fromkeys(("policy_lp", "prior_lp", "policy_lse", "prior_lse", "entropy", "kl", "policy_seq",
                          "prior_seq", "policy_max", "prior_max"))
     prior_logits, targets, mask = _tracked(prior_logits), _tracked(targets), _tracked(mask)
-    x = policy_logits.to(_acc(policy_logits.dtype)) / temperature
+    x = _scaled(policy_logits, temperature)
     lse = torch.logsumexp(x, -1)
     idx = targets.long().unsqueeze(-1)
     out["policy_lp"] = x.gather(-1, idx).squeeze(-1) - lse
@@ -87,7 +93,7 @@ def paired_token_stats(policy_logits, prior_logits, targets, mask=None, entropy:
         out["entropy"] = -(p * torch.where(live, logp, zero)).sum(-1)
     if prior_logits is not None:
         with torch.no_grad():
-            xa = prior_logits.detach().to(_acc(prior_logits.dtype)) / temperature
+            xa = _scaled(prior_logits.detach(), temperature)
             lse_a = torch.logsumexp(xa, -1)
             out["prior_lp"] = xa.gather(-1, idx).squeeze(-1) - lse_a
             out["prior_lse"] = lse_a
