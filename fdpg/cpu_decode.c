@@ -158,7 +158,7 @@ static void add_rows(real *restrict x, const real *restrict y, int64_t rows, int
 /* ---- one decoding step for rows b0 .. b0+nb-1 at slot n -------------------------------------------------- */
 
 typedef struct {
-    real *x, *h, *o, *t_d, *f, *g, *logits, *sc, *acc;
+    real *x, *h, *o, *t_d, *f, *g, *logits, *sc;
 } Buf;
 
 /* row b0 of recording k at layer i and slot n (rows at stride S * w), or buf (rows at stride w) */
@@ -168,54 +168,69 @@ static real *rec_at(const Ctx *c, int k, int64_t i, int64_t n, int64_t b0, int64
     return r ? r + ((i * c->B + b0) * c->S + n) * w : buf;
 }
 
+enum { BM = 64 / (int)sizeof(real) };   /* rows per attention block: one 64-byte vector of reals */
+
+/* Single-query attention of rows m0..m0+M of the thread's block (M <= BM) for head hh at slot n: the scores of the
+ * n + 1 filled slots, their softmax and the weighted values, each accumulated in a BM-wide register block over the
+ * head's dims (inlined with M = BM for the full blocks, so the compiler keeps the block in a vector register). q,
+ * k, v: the head's first dim of the query row, and of slot 0's key and value, each dim at stride B, slots at
+ * stride ls; valid: [B, S] or NULL; sc: (n + 1) * BM scratch; o: the output rows, dim j at o + j * nb. */
+static inline __attribute__((always_inline)) void attend_block(
+    int64_t M, int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
+    const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
+    real mx[BM], sum[BM];
+    for (int64_t m = 0; m < BM; m++) mx[m] = -INFINITY, sum[m] = 0;
+    for (int64_t t = 0; t <= n; t++) {
+        real a[BM] = {0};
+        const real *kt = k + t * ls;
+        for (int64_t j = 0; j < hd; j++) {
+            const real *restrict qj = q + j * B, *restrict kj = kt + j * B;
+#pragma omp simd
+            for (int64_t m = 0; m < M; m++) a[m] += qj[m] * kj[m];
+        }
+        real *restrict st = sc + t * BM;
+#pragma omp simd
+        for (int64_t m = 0; m < M; m++) {
+            st[m] = (valid && !valid[m * S + t]) ? -INFINITY : a[m] * scale;
+            mx[m] = st[m] > mx[m] ? st[m] : mx[m];
+        }
+    }
+    for (int64_t t = 0; t <= n; t++) {
+        real *restrict st = sc + t * BM;
+#pragma omp simd
+        for (int64_t m = 0; m < M; m++) {
+            st[m] = r_exp(st[m] - mx[m]);
+            sum[m] += st[m];
+        }
+    }
+    for (int64_t j = 0; j < hd; j++) {
+        real a[BM] = {0};
+        for (int64_t t = 0; t <= n; t++) {
+            const real *restrict vj = v + t * ls + j * B, *restrict st = sc + t * BM;
+#pragma omp simd
+            for (int64_t m = 0; m < M; m++) a[m] += st[m] * vj[m];
+        }
+        real *restrict oj = o + j * nb;
+#pragma omp simd
+        for (int64_t m = 0; m < M; m++) oj[m] = a[m] / sum[m];
+    }
+}
+
 static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t n) {
-    const int64_t B = c->B, d = c->d, H = c->H, hd = d / H, nb = wk->nb, b0 = wk->b0;
+    const int64_t B = c->B, d = c->d, H = c->H, hd = d / H, nb = wk->nb, b0 = wk->b0, ls = 3 * d * B;
     const real *layer = (const real *)P(c, P_SLAB) + i * c->S * 3 * d * B;
-    const real *q = layer + n * 3 * d * B + b0;
     const uint8_t *valid = (const uint8_t *)P(c, P_VALID);
     const real scale = (real)c->fp[1 + 3 * i + 2];
-    real *restrict sc = bf->sc, *restrict acc = bf->acc;
     for (int64_t hh = 0; hh < H; hh++) {
-        for (int64_t t = 0; t <= n; t++) {
-            const real *k = layer + (t * 3 * d + d + hh * hd) * B + b0;
-            real *restrict s = sc + t * nb;
-            for (int64_t m = 0; m < nb; m++) s[m] = 0;
-            for (int64_t j = 0; j < hd; j++) {
-                const real *restrict qj = q + (hh * hd + j) * B, *restrict kj = k + j * B;
-#pragma omp simd
-                for (int64_t m = 0; m < nb; m++) s[m] += qj[m] * kj[m];
-            }
-            if (valid) {
-                for (int64_t m = 0; m < nb; m++) s[m] = valid[(b0 + m) * c->S + t] ? s[m] * scale : -INFINITY;
-            } else {
-#pragma omp simd
-                for (int64_t m = 0; m < nb; m++) s[m] *= scale;
-            }
-        }
-        for (int64_t m = 0; m < nb; m++) acc[m] = -INFINITY;           /* max over positions */
-        for (int64_t t = 0; t <= n; t++)
-            for (int64_t m = 0; m < nb; m++) acc[m] = sc[t * nb + m] > acc[m] ? sc[t * nb + m] : acc[m];
-        real *restrict sum = acc + nb;
-        for (int64_t m = 0; m < nb; m++) sum[m] = 0;
-        for (int64_t t = 0; t <= n; t++) {
-            real *restrict s = sc + t * nb;
-#pragma omp simd
-            for (int64_t m = 0; m < nb; m++) {
-                s[m] = r_exp(s[m] - acc[m]);
-                sum[m] += s[m];
-            }
-        }
-        for (int64_t j = 0; j < hd; j++) {
-            real *restrict o = bf->o + (hh * hd + j) * nb;
-            for (int64_t m = 0; m < nb; m++) o[m] = 0;
-            for (int64_t t = 0; t <= n; t++) {
-                const real *restrict v = layer + (t * 3 * d + 2 * d + hh * hd + j) * B + b0;
-                const real *restrict s = sc + t * nb;
-#pragma omp simd
-                for (int64_t m = 0; m < nb; m++) o[m] += s[m] * v[m];
-            }
-#pragma omp simd
-            for (int64_t m = 0; m < nb; m++) o[m] /= sum[m];
+        for (int64_t m0 = 0; m0 < nb; m0 += BM) {
+            const real *q = layer + n * ls + (hh * hd) * B + b0 + m0;
+            const real *k = layer + (d + hh * hd) * B + b0 + m0, *v = layer + (2 * d + hh * hd) * B + b0 + m0;
+            const uint8_t *vl = valid ? valid + (b0 + m0) * c->S : NULL;
+            real *o = bf->o + (hh * hd) * nb + m0;
+            if (nb - m0 >= BM)
+                attend_block(BM, n, hd, B, ls, q, k, v, vl, c->S, scale, bf->sc, o, nb);
+            else
+                attend_block(nb - m0, n, hd, B, ls, q, k, v, vl, c->S, scale, bf->sc, o, nb);
         }
     }
 }
@@ -326,12 +341,11 @@ static void *run_rows(void *arg) {
     bf.f = malloc(nr * F * sizeof(real));
     bf.g = malloc(nr * F * sizeof(real));
     bf.logits = malloc(nr * V * sizeof(real));
-    bf.sc = malloc(nr * c->S * sizeof(real));
-    bf.acc = malloc(2 * nr * sizeof(real));
+    bf.sc = malloc(BM * c->S * sizeof(real));
     float *p = malloc((size_t)V * sizeof(float));
     int64_t *tok = malloc(nr * sizeof(int64_t));
     uint8_t *done = calloc(nr, 1);
-    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && bf.acc && p && tok && done;
+    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && p && tok && done;
     /* every thread takes part in every stop check, also one whose buffers failed (it reports its rows as not done
      * so that the pass runs to the end, and the caller raises) */
     const real *z = (const real *)P(c, P_LOGITS0) + b0 * V;
@@ -375,7 +389,7 @@ static void *run_rows(void *arg) {
         if (ok) z = step(c, wk, &bf, c->P + t, tok, &ldz);
     }
     free(bf.x), free(bf.h), free(bf.o), free(bf.t_d), free(bf.f), free(bf.g), free(bf.logits), free(bf.sc);
-    free(bf.acc), free(p), free(tok), free(done);
+    free(p), free(tok), free(done);
     if (c->set_threads) c->set_threads(&prev_threads);
     wk->status = ok ? 0 : -1;
     return NULL;
