@@ -4,10 +4,11 @@
  * GEMMs go to the BLAS inside torch (MKL's sgemm_/dgemm_, passed in as a function pointer); everything else is
  * here. The batch is split into one block of rows per thread and each thread runs its rows through the whole pass
  * (each sequence decodes independently): no synchronisation (the stop checks count rows, no thread waits for
- * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). Per step and row: token + position embedding, per layer LayerNorm,
- * the QKV projection written into the slab slot, single-query attention over the filled slots, the output
- * projection, residual, LayerNorm, MLP, residual; the final norm, the output layer, and the draw (softmax in
- * float32, inverse CDF in float64 with the uniform given for that row and step, as fdpg.sampling._draw).
+ * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). Per step and row: token +
+ * position embedding, per layer LayerNorm, the QKV projection written into the slab slot, single-query attention
+ * over the filled slots, the output projection, residual, LayerNorm, MLP, residual; the final norm, the output
+ * layer, and the draw (softmax in float32, inverse CDF in float64 with the uniform given for that row and step,
+ * as fdpg.sampling._draw).
  *
  * Memory layouts (all written by the Python side's decoder, fdpg.decode._GPT2, and read back by its replay):
  *   slab        [L, S, 3d, B]  one slot per position: q, k, v of that token, feature-major, batch innermost
