@@ -27,6 +27,8 @@ cheap ops recomputed), so that an on-policy step runs no second forward pass of 
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -206,6 +208,32 @@ class _FastDecoder(Decoder):
         self.cuda_graph = cuda_graph and self.dev.type == "cuda"
         self._graph = None          # the captured step, its input and output buffers
         self.recording = False      # decided at prefill
+        self.cast = False           # the GEMM weights are copies (cast_gemm_weights): nothing to replay through
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+
+    _GEMMS: tuple = ()          # positions of the GEMM modules (Linear / Conv1D) in each of self.blocks' tuples
+
+    def cast_gemm_weights(self, dtype: torch.dtype) -> None:
+        """Decode with copies of the GEMM weights (and biases, and the output layer's) in ``dtype``, made once for
+        the pass: under autocast, a step would otherwise cast every float32 weight to ``dtype`` again (reading
+        4 + 2 bytes a parameter more than the GEMM's 2, and a kernel per weight; autocast's cache cannot serve a
+        CUDA graph). Autocast's own rounding, so the pass computes what it would have. Norms and embeddings stay
+        as they are (autocast keeps them in float32)."""
+        if self.wdtype == dtype or not self._GEMMS:
+            return
+
+        def cast(m):
+            return SimpleNamespace(weight=m.weight.detach().to(dtype),
+                                   bias=None if m.bias is None else m.bias.detach().to(dtype))
+        self.blocks = [tuple(cast(m) if j in self._GEMMS else m for j, m in enumerate(b)) for b in self.blocks]
+        self.head_w = self.head_w.detach().to(dtype)
+        self.head_b = None if self.head_b is None else self.head_b.detach().to(dtype)
+        self.cast = True
+        self._blocks_changed()
+
+    def _blocks_changed(self) -> None:
+        """Refresh what a family derives from self.blocks."""
 
     # ---- cache and attention ----------------------------------------------------------------------------------
 
@@ -340,7 +368,7 @@ class _FastDecoder(Decoder):
             raise ValueError(f"context_ids: expected [{self.B}, 1..{self.S}], got {list(context_ids.shape)}")
         self.n = 0
         self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
-        self.recording = (self.record and self.slab and bool(self._recorded_gemms())
+        self.recording = (self.record and self.slab and not self.cast and bool(self._recorded_gemms())
                           and self._record_bytes() <= RECORD_MAX_BYTES)
         self.P, self._versions = P, None
         if self.slab and self.kv is None:
@@ -579,11 +607,16 @@ class _GPT2(_FastDecoder):
         self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, tr.ln_f
         self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.act, b.mlp.c_proj)
                        for b in tr.h]
-        self.qkv_t = [(b.attn.c_attn.bias[:, None], b.attn.c_attn.weight.t()) for b in tr.h]    # views
+        self._blocks_changed()
         self.scales = []
         for i in range(self.n_layer):
             scale = self.hd ** -0.5 if cfg.scale_attn_weights else 1.0
             self.scales.append(scale / float(i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale)
+
+    _GEMMS = (1, 2, 4, 6)
+
+    def _blocks_changed(self):
+        self.qkv_t = [(b[1].bias[:, None], b[1].weight.t()) for b in self.blocks]    # views
 
     def _start(self):
         n_pos = self.wpe.shape[0]
@@ -681,6 +714,8 @@ class _Llama(_FastDecoder):
                         b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj,
                         b.mlp.act_fn, b.mlp.down_proj) for b in base.layers]
         self.scales = [getattr(b.self_attn, "scaling", self.hd ** -0.5) for b in base.layers]
+
+    _GEMMS = (1, 2, 3, 4, 6, 7, 9)
 
     def _start(self):
         # cos/sin of every slot of every row: [B, S, hd] (the rotary module's own computation)

@@ -125,6 +125,8 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     tokens, lps = [], []
     graph = dev.type == "cuda" and cuda_graph is not False
     dec = decoder(model, B, P + max_length - 1, fast=fast, record=record, static=graph, cuda_graph=graph)
+    if autocast_dtype is not None and dec.fast:
+        dec.cast_gemm_weights(autocast_dtype)                      # once for the pass, not at every step
     with amp:
         logits = dec.prefill(context_ids, context_mask)
     native = None

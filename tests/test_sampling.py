@@ -1,6 +1,7 @@
 """Ancestral sampling with the KV cache: masks, the proposal's log-probs, the distribution, contexts."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdpg
 from fdpg.exact import enumerate_space, space_logprobs
@@ -204,3 +205,50 @@ def test_scoring_forward_stops_at_the_last_scored_position(model):
     assert full.shape[1] == 10 and part.shape[1] == 9
     keep = inp.attention_mask[:, :9].bool()
     torch.testing.assert_close(part[keep], full[:, :9][keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_autocast_pass_casts_the_gemm_weights_once(family, monkeypatch):
+    """Under autocast the fast decoder takes the GEMM weights cast once for the pass (not at every step): the same
+    draws and log-probs as autocast casting them at every step, and the model's own weights untouched."""
+    from fdpg.decode import _FastDecoder
+
+    if family == "gpt2":
+        m = build_tiny(7, n_layer=2, n_embd=32, seed=4, eos_token_id=0, initializer_range=0.3).eval()
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(4)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0,
+                                         bos_token_id=0, initializer_range=0.3)).eval()
+    before = [p.detach().clone() for p in m.parameters()]
+    casts = []
+    real = _FastDecoder.cast_gemm_weights
+
+    def spy(self, dtype):
+        casts.append(dtype)
+        real(self, dtype)
+        assert all(b[j].weight.dtype == dtype for b in self.blocks for j in self._GEMMS)
+
+    class Casts(TorchDispatchMode):     # the dtype conversions autocast and the decoder make
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    def draw(cast):
+        monkeypatch.setattr(_FastDecoder, "cast_gemm_weights", spy if cast else (lambda self, dtype: None))
+        with Casts() as c:
+            s = sample(m, 16, 6, eos_token_id=None, generator=torch.Generator().manual_seed(1),
+                       autocast_dtype=torch.bfloat16)
+        return s, c.n
+
+    (a, n_cast), (b, n_each) = draw(True), draw(False)
+    assert casts == [torch.bfloat16]
+    # the prefill and 5 steps each cast at least 2 layers x 4 GEMM weights when the pass does not cast them once
+    assert n_each - n_cast >= 5 * 2 * 4
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.token_logprob, b.token_logprob, rtol=0, atol=0)
+    assert all(torch.equal(p, q) and p.dtype == torch.float32 for p, q in zip(m.parameters(), before))
