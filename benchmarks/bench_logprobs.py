@@ -4,6 +4,7 @@ One command on a GPU prints the whole table (bf16, N = 16384 tokens, V = 128256 
 
     python benchmarks/bench_logprobs.py               # the issue's shapes
     python benchmarks/bench_logprobs.py --stats       # also the forward with entropy and exact KL (issue 9)
+    python benchmarks/bench_logprobs.py --sweep       # also the Triton kernels under a grid of launch configs
     python benchmarks/bench_logprobs.py --cpu-smoke   # tiny sizes on CPU (torch paths): checks the script itself
     python -m pytest benchmarks/bench_logprobs.py     # pytest-benchmark functions (GPU only; skipped without CUDA)
 
@@ -243,6 +244,39 @@ def run_shape(N, V, dtype, device, tau, copy_gbs, check_rows, smoke, only=None):
     return rows
 
 
+SWEEP = [(1, 4096, 16), (1, 4096, 8), (1, 4096, 4), (1, 8192, 16), (1, 8192, 8), (1, 2048, 8), (1, 2048, 4),
+         (2, 2048, 8), (1, 16384, 16)]
+
+
+def run_sweep(N, V, dtype, device, tau, copy_gbs):
+    """fdpg's Triton kernels under a grid of launch configurations (ROWS, BLOCK_V, num_warps): forward, forward with
+    entropy + KL, in-place backward, each as a fraction of the copy bandwidth. The first row is the heuristic's."""
+    from fdpg.kernels import logprobs as K
+
+    x, xp, y, g = inputs(N, V, dtype, device)
+    nbytes = 2 * N * V * (torch.finfo(dtype).bits // 8)
+    lse = K.token_stats_forward(x, None, y, tau)["lse"]
+    print(f"\n### Triton launch configurations, N = {N}, V = {V}, {str(dtype).replace('torch.', '')}\n")
+    print("| ROWS, BLOCK_V, warps | fwd ms | fwd % of copy | + entropy + KL ms | % | bwd in place ms | % |\n"
+          "|---|---|---|---|---|---|---|")
+    heuristic = K._config(N, V)
+    for rows, block, warps in [heuristic] + [c for c in SWEEP if c != heuristic]:
+        K.CONFIG_OVERRIDE = {"ROWS": rows, "BLOCK_V": block, "num_warps": warps}
+        try:
+            fwd = bench(lambda: fdpg.paired_token_stats(x, xp, y, temperature=tau, backend="triton"), device)
+            st = bench(lambda: fdpg.paired_token_stats(x, xp, y, entropy=True, kl=True, temperature=tau,
+                                                       backend="triton"), device)
+            work = x.clone()
+            bwd = bench(lambda: K.token_stats_backward(work, None, y, lse, grad_lp=g, temperature=tau, out=work),
+                        device)
+            pct = [100 * nbytes / t / 1e6 / copy_gbs for t in (fwd, st, bwd)]
+            print(f"| {rows}, {block}, {warps} | {fwd:.3f} | {pct[0]:.1f}% | {st:.3f} | {pct[1]:.1f}% | {bwd:.3f} | "
+                  f"{pct[2]:.1f}% |")
+        except Exception as e:
+            print(f"| {rows}, {block}, {warps} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | | |")
+    K.CONFIG_OVERRIDE = {}
+
+
 def run_stats(N, V, dtype, device, tau, copy_gbs):
     """fdpg's forward with and without entropy + exact KL (issue 9: at most 10% more time)."""
     print(f"\n### forward with entropy and exact KL(pi || a), N = {N}, V = {V}\n")
@@ -275,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-rows", type=int, default=256, help="rows of the float64 accuracy check")
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
     ap.add_argument("--stats", action="store_true", help="also time the forward with entropy and exact KL")
+    ap.add_argument("--sweep", action="store_true", help="also time the Triton kernels under a grid of launch "
+                                                         "configurations")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.cpu_smoke:
@@ -300,6 +336,8 @@ def main(argv=None) -> int:
         run_shape(N, V, dtype, device, args.temperature, copy_gbs, args.check_rows, args.cpu_smoke, args.only)
         if args.stats and device.type == "cuda":
             run_stats(N, V, dtype, device, args.temperature, copy_gbs)
+        if args.sweep and device.type == "cuda":
+            run_sweep(N, V, dtype, device, args.temperature, copy_gbs)
     return 0
 
 

@@ -54,8 +54,8 @@ part_tests() {
 
 part_kernels() {
   local log=$OUT/kernels.log
-  run 150 "$log" $PY benchmarks/bench_logprobs.py --stats
-  run 240 "$log" $PY benchmarks/bench_linear.py
+  run 200 "$log" $PY benchmarks/bench_logprobs.py --stats --sweep
+  run 300 "$log" $PY benchmarks/bench_linear.py --sweep
   run 150 "$log" $PY benchmarks/bench_qlearning.py --json "$OUT/qlearning.json"
 }
 

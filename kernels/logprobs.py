@@ -30,13 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["token_stats_forward", "token_stats_backward", "masked_row_sums", "row_layout", "POISON"]
+__all__ = ["token_stats_forward", "token_stats_backward", "masked_row_sums", "row_layout", "POISON",
+           "CONFIG_OVERRIDE"]
 
 # Tests set this to True: outputs are then allocated filled with NaN, so an element a kernel forgets to write
 # fails the comparison against the reference.
 POISON = False
 # (rows, block_v) forced for every launch (tests use it to cover several tiles and ROWS = 1); None: heuristic.
 FORCE_CONFIG: tuple[int, int] | None = None
+# GPU launch parameters overriding the heuristic key by key ("ROWS", "BLOCK_V", "num_warps"), for both the forward
+# and the backward: benchmarks/bench_logprobs.py --sweep times a grid of them.
+CONFIG_OVERRIDE: dict = {}
 
 
 def _interpreting() -> bool:
@@ -64,6 +68,10 @@ def _config(n: int, v: int) -> tuple[int, int, int]:
     rows = max(1, min(16, 2048 // block))
     elems = rows * block
     warps = 4 if elems <= 1024 else (8 if elems <= 2048 else 16)
+    if CONFIG_OVERRIDE:
+        block = min(int(CONFIG_OVERRIDE.get("BLOCK_V", block)), triton.next_power_of_2(v))
+        rows = int(CONFIG_OVERRIDE.get("ROWS", rows))
+        warps = int(CONFIG_OVERRIDE.get("num_warps", warps))
     return rows, block, warps
 
 
