@@ -198,11 +198,14 @@ def _native_ok(*ts) -> bool:
             and _library_reason(t.dtype) is None)
 
 
+_ACT_MIN = 1 << 17   # elements: below, starting the threads costs more than ATen's kernel (a prefill's [B, F])
+
+
 def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     """``act(x)`` for GPT-2's activation modules (GELU, tanh-GELU, ReLU) without autograd, on the CPU threads;
-    None where the native library cannot take it."""
+    None where the native library cannot take it, or where ``x`` is too small to be worth it."""
     kind = _ACT.get(type(act).__name__)
-    if kind is None or not x.is_contiguous() or not _native_ok(x):
+    if kind is None or x.numel() < _ACT_MIN or not x.is_contiguous() or not _native_ok(x):
         return None
     y = torch.empty_like(x)
     n = x.shape[-1]

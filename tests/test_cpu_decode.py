@@ -145,14 +145,17 @@ def test_unavailable_where_the_python_loop_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 2e-6)])
-def test_activation_and_the_no_grad_forward(dtype, tol):
+def test_activation_and_the_no_grad_forward(dtype, tol, monkeypatch):
     """The C activation (the prior's no-grad forward) against the modules, odd sizes and 1-3 threads; autograd
-    wanted -> None (the module runs); fdpg's forward under inference mode through it equals the model's."""
+    wanted, or a tensor too small to be worth the threads -> None (the module runs); fdpg's forward under inference
+    mode through it equals the model's."""
     import transformers.activations as A
 
     from fdpg.decode import hidden_states
 
     x = torch.randn(37, 53, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
+    assert native.activation(x, A.NewGELUActivation()) is None             # 1961 elements: ATen's kernel
+    monkeypatch.setattr(native, "_ACT_MIN", 1)
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
