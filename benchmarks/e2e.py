@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -641,6 +642,13 @@ def main(argv=None):
             runs_s = f"; samples/s of each run {', '.join(f'{x:.1f}' for x in allr)}" if len(allr) > 1 else ""
             print(f"{r['peer']}: {r.get('phase_note', '')}; samples/s from {r.get('throughput_from')}; memory = "
                   f"{r.get('mem_kind')}{runs_s}")
+    if args.repeat > 1 and "fdpg" in runs:
+        for n in names:
+            if n != "fdpg":
+                rat = round_ratios(runs["fdpg"], runs[n])
+                if rat:
+                    print(f"fdpg / {n}, round by round (the runs of one round share the machine's load): "
+                          f"{', '.join(f'{x:.2f}' for x in rat)}; median {statistics.median(rat):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "config": sh.name, "shape": sh.__dict__, "device": dev_name, "torch": torch.__version__,
@@ -649,6 +657,12 @@ def main(argv=None):
             "bandwidth_bytes_per_s": bw,
             "floors_s": {k: v for k, v in fl.items()}, "results": results}, indent=1))
     return 0
+
+
+def round_ratios(a: list[dict], b: list[dict]) -> list[float]:
+    """samples/s of ``a`` over ``b`` in each round where both ran."""
+    return [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(a, b)
+            if x.get("ok") and y.get("ok") and y["samples_per_s"] > 0]
 
 
 if __name__ == "__main__":
