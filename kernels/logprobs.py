@@ -19,7 +19,10 @@ Backward (:func:`token_stats_backward`) writes, per element of the policy logits
 (``p = softmax(x)``, ``a = softmax(x')``) in the logits' dtype, optionally in place into the logits' buffer.
 
 Rows are addressed as ``(r // T1) * s0 + (r % T1) * s1`` and columns with stride ``sv``, so ``[B, T, V]``
-slices such as ``logits[:, :-1]`` are read (and written in place) without a copy. No libdevice: everything
+slices such as ``logits[:, :-1]`` are read (and written in place) without a copy. With one row per program and
+contiguous columns (``ALIGN > 1``) a row runs as a masked head up to its first 16-byte-aligned column, full tiles
+without a mask from there, and a masked tail: the GPU loads (and stores) 16 bytes at a time whatever ``V`` is
+(with an odd row stride and masks at every tile they would be 2-byte accesses). No libdevice: everything
 runs under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -75,6 +78,25 @@ def _config(n: int, v: int) -> tuple[int, int, int]:
     return rows, block, warps
 
 
+def _alignment(rows: int, main, *others):
+    """``(ALIGN, aligned...)`` of a launch: ``ALIGN`` elements make 16 bytes of the narrowest tensor when one row
+    per program reads contiguous columns of ``main`` (``(tensor, (s0, s1, t1, sv))`` from :func:`row_layout`), else
+    1 (the tiled loop); for each of ``others`` (or None), whether its rows start at the same offset modulo ``ALIGN``
+    as ``main``'s from a 16-byte-aligned base (so that the main loop's column range is 16-byte aligned there too)."""
+    t, (s0, s1, _t1, sv) = main
+    sizes = [t.element_size()] + [o[0].element_size() for o in others if o is not None]
+    if rows != 1 or sv != 1 or min(sizes) not in (2, 4) or t.data_ptr() % 16:
+        return (1,) + tuple(False for _ in others)
+    align = 16 // min(sizes)
+
+    def same(o):
+        if o is None:
+            return False
+        u, (u0, u1, _u1, usv) = o
+        return usv == 1 and u.data_ptr() % 16 == 0 and (u0 - s0) % align == 0 and (u1 - s1) % align == 0
+    return (align,) + tuple(same(o) for o in others)
+
+
 def row_layout(x: torch.Tensor):
     """``(x, s0, s1, t1, sv)`` such that row ``r`` of ``x [..., V]`` starts at ``(r // t1) * s0 + (r % t1) * s1``
     and column ``j`` is ``j * sv`` further. Leading dims are merged where the strides allow; a layout that needs
@@ -110,6 +132,33 @@ def overlapping(x: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr):
+    """One tile ``x [ROWS, BLOCK_V]`` (and the prior's ``xp``) into the rows' online accumulators (module doc)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_use = tl.where(m_new == NEG_INF, 0.0, m_new)   # a finite reference while the row is all -inf so far
+    alpha = tl.exp(m - m_use)
+    e = tl.exp(x - m_use[:, None])
+    S_old = S
+    S = alpha * S + tl.sum(e, 1)
+    if ENTROPY or KL:
+        shift = tl.where(m == NEG_INF, 0.0, m - m_use)
+        xs = tl.where(e > 0, e * (x - m_use[:, None]), 0.0)
+        Bs = alpha * (Bs + S_old * shift) + tl.sum(xs, 1)
+    if HAS_PRIOR:
+        pm_new = tl.maximum(pm, tl.max(xp, 1))
+        pm_use = tl.where(pm_new == NEG_INF, 0.0, pm_new)
+        ep = tl.exp(xp - pm_use[:, None])
+        PS = tl.exp(pm - pm_use) * PS + tl.sum(ep, 1)
+        if KL:
+            pshift = tl.where(pm == NEG_INF, 0.0, pm - pm_use)
+            cs = tl.where(e > 0, e * (xp - pm_use[:, None]), 0.0)
+            Cs = alpha * (Cs + S_old * pshift) + tl.sum(cs, 1)
+        pm = pm_new
+    return m_new, S, Bs, pm, PS, Cs
+
+
+@triton.jit
 def _token_stats_fwd_kernel(
     z_ptr, z_s0, z_s1, z_t1, z_sv,
     zp_ptr, zp_s0, zp_s1, zp_t1, zp_sv,
@@ -118,7 +167,7 @@ def _token_stats_fwd_kernel(
     plp_ptr, plse_ptr, pmx_ptr,
     N, V, inv_tau,
     HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, PRIOR_ALIGNED: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     pid = tl.program_id(0)
@@ -126,6 +175,7 @@ def _token_stats_fwd_kernel(
     row_ok = rows < N
     r64 = rows.to(tl.int64)
     zrow = (r64 // z_t1) * z_s0 + (r64 % z_t1) * z_s1
+    zprow = zrow
     if HAS_PRIOR:
         zprow = (r64 // zp_t1) * zp_s0 + (r64 % zp_t1) * zp_s1
     cols0 = tl.arange(0, BLOCK_V)
@@ -137,33 +187,54 @@ def _token_stats_fwd_kernel(
     PS = tl.zeros([ROWS], tl.float32)          # prior: sum exp(x' - m')
     Cs = tl.zeros([ROWS], tl.float32)          # sum exp(x - m) (x' - m')
 
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
-        msk = row_ok[:, None] & (cols < V)[None, :]
-        coff = cols.to(tl.int64)[None, :]
-        x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)   # a finite reference while the row is all -inf so far
-        alpha = tl.exp(m - m_use)
-        e = tl.exp(x - m_use[:, None])
-        S_old = S
-        S = alpha * S + tl.sum(e, 1)
-        if ENTROPY or KL:
-            shift = tl.where(m == NEG_INF, 0.0, m - m_use)
-            xs = tl.where(e > 0, e * (x - m_use[:, None]), 0.0)
-            Bs = alpha * (Bs + S_old * shift) + tl.sum(xs, 1)
-        if HAS_PRIOR:
-            xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-            pm_new = tl.maximum(pm, tl.max(xp, 1))
-            pm_use = tl.where(pm_new == NEG_INF, 0.0, pm_new)
-            ep = tl.exp(xp - pm_use[:, None])
-            PS = tl.exp(pm - pm_use) * PS + tl.sum(ep, 1)
-            if KL:
-                pshift = tl.where(pm == NEG_INF, 0.0, pm - pm_use)
-                cs = tl.where(e > 0, e * (xp - pm_use[:, None]), 0.0)
-                Cs = alpha * (Cs + S_old * pshift) + tl.sum(cs, 1)
-            pm = pm_new
-        m = m_new
+    if ALIGN > 1:
+        # One row (ROWS == 1), columns contiguous: the columns before the row's first 16-byte-aligned one, then
+        # full tiles from there with no mask (so that the loads are 16-byte vectors whatever V is), then the rest.
+        zr = tl.max(zrow, 0)
+        zpr = tl.max(zprow, 0)
+        lead = (ALIGN - zr % ALIGN) % ALIGN
+        nfull = tl.maximum(V - lead, 0) // BLOCK_V
+        if lead > 0:                                   # fewer than ALIGN <= 16 columns: a 16-wide tile
+            hcols = tl.arange(0, 16)
+            msk = row_ok[:, None] & ((hcols < lead) & (hcols < V))[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
+            xp = x
+            if HAS_PRIOR:
+                xp = tl.load(zp_ptr + zprow[:, None] + hcols[None, :], mask=msk,
+                             other=NEG_INF).to(tl.float32) * inv_tau
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+        tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
+        base = tl.multiple_of(zr + lead, ALIGN)
+        pbase = zpr + lead
+        if PRIOR_ALIGNED:
+            pbase = tl.multiple_of(pbase, ALIGN)
+        for t in range(0, nfull):
+            x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :] * inv_tau
+            xp = x
+            if HAS_PRIOR:
+                xp = tl.load(zp_ptr + pbase + t * BLOCK_V + cols0).to(tl.float32)[None, :] * inv_tau
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+        c1 = lead + nfull * BLOCK_V
+        if c1 < V:
+            cols = c1 + cols0
+            msk = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
+            xp = x
+            if HAS_PRIOR:
+                xp = tl.load(zp_ptr + zprow[:, None] + cols[None, :], mask=msk,
+                             other=NEG_INF).to(tl.float32) * inv_tau
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            msk = row_ok[:, None] & (cols < V)[None, :]
+            coff = cols.to(tl.int64)[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
+            xp = x
+            if HAS_PRIOR:
+                xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk,
+                             other=NEG_INF).to(tl.float32) * inv_tau
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
 
     logS = tl.log(S)
     lse = m + logS
@@ -195,7 +266,8 @@ def _token_stats_bwd_kernel(
     glp_ptr, glse_ptr, gent_ptr, gkl_ptr, gseq_ptr, mask_ptr,
     N, V, SEQ_T, inv_tau,
     HAS_GLP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr,
-    HAS_GSEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GSEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    PRIOR_ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     pid = tl.program_id(0)
@@ -223,6 +295,9 @@ def _token_stats_bwd_kernel(
         gH = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         k -= gH * tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         u -= gH
+    gK = u
+    plse = lse
+    zprow = zrow
     if HAS_GKL:
         gK = tl.load(gkl_ptr + rows, mask=row_ok, other=0.0)
         k -= gK * tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
@@ -230,22 +305,74 @@ def _token_stats_bwd_kernel(
         zprow = (r64 // zp_t1) * zp_s0 + (r64 % zp_t1) * zp_s1
         plse = tl.load(plse_ptr + rows, mask=row_ok, other=0.0)
     cols0 = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
-        msk = row_ok[:, None] & (cols < V)[None, :]
-        coff = cols.to(tl.int64)[None, :]
-        x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-        logp = x - lse[:, None]
-        p = tl.exp(logp)
-        inner = k[:, None]
-        if HAS_GENT or HAS_GKL:
-            inner += u[:, None] * logp
-        if HAS_GKL:
-            xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-            inner -= gK[:, None] * (xp - plse[:, None])
-        dx = tl.where(p > 0, p * inner, 0.0)
-        dx += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
-        tl.store(g_ptr + grow[:, None] + coff * g_sv, (dx * inv_tau).to(g_ptr.dtype.element_ty), mask=msk)
+    if ALIGN > 1:
+        # one row, contiguous columns: a masked head up to the first 16-byte-aligned column, unmasked full tiles
+        # from there (16-byte loads and stores whatever V is), a masked tail (as in the forward)
+        zr = tl.max(zrow, 0)
+        lead = (ALIGN - zr % ALIGN) % ALIGN
+        nfull = tl.maximum(V - lead, 0) // BLOCK_V
+        if lead > 0:
+            hcols = tl.arange(0, 16)
+            msk = row_ok[:, None] & ((hcols < lead) & (hcols < V))[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            xp = x
+            if HAS_GKL:
+                xp = tl.load(zp_ptr + zprow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            dx = _bwd_tile(x, xp, hcols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
+            tl.store(g_ptr + grow[:, None] + hcols[None, :], dx.to(g_ptr.dtype.element_ty), mask=msk)
+        tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
+        base = tl.multiple_of(zr + lead, ALIGN)
+        pbase = tl.max(zprow, 0) + lead
+        if PRIOR_ALIGNED:
+            pbase = tl.multiple_of(pbase, ALIGN)
+        gbase = tl.max(grow, 0) + lead
+        if OUT_ALIGNED:
+            gbase = tl.multiple_of(gbase, ALIGN)
+        for t in range(0, nfull):
+            x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :]
+            xp = x
+            if HAS_GKL:
+                xp = tl.load(zp_ptr + pbase + t * BLOCK_V + cols0).to(tl.float32)[None, :]
+            dx = _bwd_tile(x, xp, lead + t * BLOCK_V + cols0, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT,
+                           HAS_GKL)
+            tl.store(g_ptr + gbase + t * BLOCK_V + cols0, tl.reshape(dx, [BLOCK_V]).to(g_ptr.dtype.element_ty))
+        c1 = lead + nfull * BLOCK_V
+        if c1 < V:
+            cols = c1 + cols0
+            msk = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            xp = x
+            if HAS_GKL:
+                xp = tl.load(zp_ptr + zprow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            dx = _bwd_tile(x, xp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
+            tl.store(g_ptr + grow[:, None] + cols[None, :], dx.to(g_ptr.dtype.element_ty), mask=msk)
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            msk = row_ok[:, None] & (cols < V)[None, :]
+            coff = cols.to(tl.int64)[None, :]
+            x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32)
+            xp = x
+            if HAS_GKL:
+                xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk, other=NEG_INF).to(tl.float32)
+            dx = _bwd_tile(x, xp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
+            tl.store(g_ptr + grow[:, None] + coff * g_sv, dx.to(g_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _bwd_tile(z, zp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr):
+    """The gradient ``[ROWS, W]`` of one tile of raw logits ``z`` (``zp`` the prior's) at columns ``cols [W]``."""
+    x = z * inv_tau
+    logp = x - lse[:, None]
+    p = tl.exp(logp)
+    inner = k[:, None]
+    if HAS_GENT or HAS_GKL:
+        inner += u[:, None] * logp
+    if HAS_GKL:
+        inner -= gK[:, None] * (zp * inv_tau - plse[:, None])
+    dx = tl.where(p > 0, p * inner, 0.0)
+    dx += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
+    return dx * inv_tau
 
 
 @triton.jit
@@ -306,6 +433,7 @@ def token_stats_forward(policy: torch.Tensor, prior: torch.Tensor | None, target
         zp, zpl = z, zl
     y = _flat(targets)
     rows, block, warps = _config(N, V)
+    align, prior_aligned = _alignment(rows, (z, zl), (zp, zpl) if prior is not None else None)
     dummy = out["lp"]
     _token_stats_fwd_kernel[(triton.cdiv(N, rows),)](
         z, *zl, zp, *zpl, y,
@@ -313,7 +441,7 @@ def token_stats_forward(policy: torch.Tensor, prior: torch.Tensor | None, target
         out.get("prior_lp", dummy), out.get("prior_lse", dummy), out.get("prior_max", dummy),
         N, V, 1.0 / temperature,
         HAS_PRIOR=prior is not None, ENTROPY=bool(entropy), KL=bool(kl), ROWS=rows, BLOCK_V=block,
-        num_warps=warps,
+        ALIGN=align, PRIOR_ALIGNED=prior_aligned, num_warps=warps,
     )
     return out
 
@@ -358,6 +486,8 @@ def token_stats_backward(policy: torch.Tensor, prior: torch.Tensor | None, targe
     m = _mask_u8(mask) if grad_seq is not None else None
     seq_t = targets.shape[-1] if targets.dim() > 0 else 1
     rows, block, warps = _config(N, V)
+    align, prior_aligned, out_aligned = _alignment(rows, (z, zl), (zp, zpl) if grad_kl is not None else None,
+                                                   (g, gl))
     d = lse_f
     _token_stats_bwd_kernel[(triton.cdiv(N, rows),)](
         z, *zl, zp, *zpl, g, *gl,
@@ -367,7 +497,8 @@ def token_stats_backward(policy: torch.Tensor, prior: torch.Tensor | None, targe
         d if gkl is None else gkl, d if gseq is None else gseq, lse_f if m is None else m,
         N, V, max(seq_t, 1), 1.0 / temperature,
         HAS_GLP=glp is not None, HAS_GLSE=glse is not None, HAS_GENT=gent is not None, HAS_GKL=gkl is not None,
-        HAS_GSEQ=gseq is not None, ROWS=rows, BLOCK_V=block, num_warps=warps,
+        HAS_GSEQ=gseq is not None, ROWS=rows, BLOCK_V=block, ALIGN=align, PRIOR_ALIGNED=prior_aligned,
+        OUT_ALIGNED=out_aligned, num_warps=warps,
     )
     if g is not out:
         out.copy_(g)

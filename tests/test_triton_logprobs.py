@@ -346,3 +346,42 @@ def test_gpu_large_vocab_auto_dispatch_and_inplace(V):
     loss_of(d, w).backward()
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(work.detach().double(), x.grad, rtol=1e-2, atol=1e-2)
+
+
+# One row per program over contiguous columns: a masked head up to the row's first 16-byte-aligned column, unmasked
+# full tiles, a masked tail (so that GPU loads are 16-byte vectors whatever V is).
+ALIGN_CASES = [
+    ("odd V, [:, :-1] view", 333, "view", "contiguous"),     # rows start at varying offsets mod 8
+    ("V < 8", 5, "contiguous", "contiguous"),                 # the head alone
+    ("V a multiple of the tile", 192, "contiguous", "view"),  # rows a multiple of 8 apart either way
+    ("prior misaligned", 130, "contiguous", "view"),         # prior rows at other offsets mod 8 than the policy's
+    ("fp32 policy", 201, "contiguous", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("name,V,pol_kind,pri_kind", ALIGN_CASES, ids=[c[0] for c in ALIGN_CASES])
+def test_aligned_row_path(name, V, pol_kind, pri_kind, gen, monkeypatch):
+    monkeypatch.setattr(K, "FORCE_CONFIG", (1, 64))
+    B, T = 2, 5
+    dt = torch.float32 if name == "fp32 policy" else torch.bfloat16
+
+    def logits(kind, dtype):
+        full = rand_logits((B, T + 1, V), dtype, gen)
+        return full[:, :-1] if kind == "view" else full[:, :-1].contiguous()
+
+    pol, pri = logits(pol_kind, dt), logits(pri_kind, torch.float16)
+    z, *zl = K.row_layout(pol)
+    zp, *zpl = K.row_layout(pri)
+    align, prior_aligned = K._alignment(1, (z, zl), (zp, zpl))
+    assert align == 8 and prior_aligned == (pol_kind == pri_kind or V % 8 == 0)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    x = pol.detach().clone().requires_grad_(True)
+    st = ops.paired_token_stats(x, pri, y, mask=mask, entropy=True, kl=True, temperature=0.8, backend="triton")
+    x64, d = ref64(pol, pri, y, mask, 0.8)
+    check_stats(st, d)
+    w = weights((B, T), gen)
+    loss_of(st._asdict(), w).backward()
+    loss_of(d, w).backward()
+    tol = 2e-5 if dt == torch.float32 else 1e-2
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
