@@ -295,8 +295,11 @@ class _FastDecoder(Decoder):
             qg = q.view(B, s, Hkv, G, hd).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * s, hd)
             kg = k.transpose(1, 2).reshape(B * Hkv, s, hd)
             vg = v.transpose(1, 2).reshape(B * Hkv, s, hd)
-            sc = torch.baddbmm(self._bias_all(B, s, q.dtype).expand(B, Hkv, G, s, s).reshape(B * Hkv, G * s, s),
-                               qg, kg.transpose(1, 2), alpha=self.scales[i])
+            bias = self._bias_all(B, s, q.dtype)                      # [B or 1, 1, 1, s, s]
+            # the same mask for every row (no padding): broadcast over the batch, not copied to [B * Hkv, ...]
+            nb = bias.shape[0] * (Hkv if bias.shape[0] > 1 else 1)
+            bias = bias.expand(bias.shape[0], Hkv if bias.shape[0] > 1 else 1, G, s, s).reshape(nb, G * s, s)
+            sc = torch.baddbmm(bias, qg, kg.transpose(1, 2), alpha=self.scales[i])
             p = torch.softmax(sc, -1, dtype=torch.promote_types(sc.dtype, torch.float32)).to(vg.dtype)
             o = torch.bmm(p, vg).view(B, Hkv, G, s, hd)
             return o.permute(0, 3, 1, 2, 4).reshape(B * s, H * hd)
