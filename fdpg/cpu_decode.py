@@ -119,7 +119,7 @@ def unavailable_reason(dec, all_done=None) -> str | None:
     """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
     if type(dec).__name__ != "_GPT2":
         return "the native loop knows GPT-2 only"
-    if not dec.slab:
+    if not dec.slab or dec.cast:
         return "the decoder is not on the CPU slab path (GPU, autocast or half precision)"
     if all_done is not None:
         return "all_done: the ranks' agreement at each stop check runs in Python"
@@ -133,6 +133,8 @@ def unavailable_reason(dec, all_done=None) -> str | None:
                     ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias]
     if any(t is None or not t.is_contiguous() for t in tensors):
         return "a weight that is missing (no bias or affine norm) or not contiguous"
+    if any(t.dtype != dec.wdtype for t in tensors):
+        return "weights of mixed dtypes"
     return _library_reason(dec.wdtype)
 
 
