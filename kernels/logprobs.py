@@ -83,17 +83,22 @@ def _alignment(rows: int, main, *others):
     per program reads contiguous columns of ``main`` (``(tensor, (s0, s1, t1, sv))`` from :func:`row_layout`), else
     1 (the tiled loop); for each of ``others`` (or None), whether its rows start at the same offset modulo ``ALIGN``
     as ``main``'s from a 16-byte-aligned base (so that the main loop's column range is 16-byte aligned there too)."""
-    t, (s0, s1, _t1, sv) = main
+    t, (s0, s1, t1, sv) = main
     sizes = [t.element_size()] + [o[0].element_size() for o in others if o is not None]
     if rows != 1 or sv != 1 or min(sizes) not in (2, 4) or t.data_ptr() % 16:
         return (1,) + tuple(False for _ in others)
     align = 16 // min(sizes)
 
     def same(o):
+        """Row r starts at (r // t1) * s0 + (r % t1) * s1 in each: congruent modulo align for every r."""
         if o is None:
             return False
-        u, (u0, u1, _u1, usv) = o
-        return usv == 1 and u.data_ptr() % 16 == 0 and (u0 - s0) % align == 0 and (u1 - s1) % align == 0
+        u, (u0, u1, ut1, usv) = o
+        if usv != 1 or u.data_ptr() % 16:
+            return False
+        if ut1 == t1:
+            return (u0 - s0) % align == 0 and (u1 - s1) % align == 0
+        return all(x % align == 0 for x in (s0, s1, u0, u1))      # every row of both starts aligned
     return (align,) + tuple(same(o) for o in others)
 
 

@@ -385,3 +385,24 @@ def test_aligned_row_path(name, V, pol_kind, pri_kind, gen, monkeypatch):
     loss_of(d, w).backward()
     tol = 2e-5 if dt == torch.float32 else 1e-2
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+
+
+def test_alignment_of_other_row_layouts():
+    """Rows of a second tensor are taken as aligned with the main tensor's only when they start at the same offset
+    modulo 16 bytes for every row, whichever way each merges its leading dims."""
+    def lay(t):
+        x, *rest = K.row_layout(t)
+        return x, rest
+
+    V, B, T = 20, 3, 4
+    full = torch.zeros(B, T + 1, V, dtype=torch.bfloat16)
+    view, cont = full[:, :-1], torch.zeros(B, T, V, dtype=torch.bfloat16)   # 2-level (T, (T+1)V) and 1-level
+    assert K._alignment(1, lay(view), lay(view)) == (8, True)
+    # row r of the view starts at (r // T)(T+1)V + (r % T)V, of the contiguous tensor at rV: (r // T)V = 20 (r // T)
+    # apart, not a multiple of 8 for odd r // T
+    assert K._alignment(1, lay(view), lay(cont)) == (8, False)
+    w = torch.zeros(B, T + 1, 24, dtype=torch.bfloat16)
+    assert K._alignment(1, lay(w[:, :-1]), lay(torch.zeros(B, T, 24, dtype=torch.bfloat16))) == (8, True)
+    assert K._alignment(2, lay(view), lay(view)) == (1, False)                # several rows per program: tiled
+    assert K._alignment(1, lay(view[..., ::2]), lay(view)) == (1, False)      # strided columns
+    assert K._alignment(1, lay(view), None) == (8, False)
