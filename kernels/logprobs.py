@@ -80,12 +80,13 @@ def _config(n: int, v: int) -> tuple[int, int, int]:
 
 def _alignment(rows: int, main, *others):
     """``(ALIGN, aligned...)`` of a launch: ``ALIGN`` elements make 16 bytes of the narrowest tensor when one row
-    per program reads contiguous columns of ``main`` (``(tensor, (s0, s1, t1, sv))`` from :func:`row_layout`), else
-    1 (the tiled loop); for each of ``others`` (or None), whether its rows start at the same offset modulo ``ALIGN``
+    per program reads contiguous columns of ``main`` (``(tensor, (s0, s1, t1, sv))`` from :func:`row_layout`) and
+    of every other tensor, else 1 (the tiled loop); for each of ``others`` (or None), whether its rows start at the same offset modulo ``ALIGN``
     as ``main``'s from a 16-byte-aligned base (so that the main loop's column range is 16-byte aligned there too)."""
     t, (s0, s1, t1, sv) = main
     sizes = [t.element_size()] + [o[0].element_size() for o in others if o is not None]
-    if rows != 1 or sv != 1 or min(sizes) not in (2, 4) or t.data_ptr() % 16:
+    unit = sv == 1 and all(o is None or o[1][3] == 1 for o in others)   # the row path reads columns at stride 1
+    if rows != 1 or not unit or min(sizes) not in (2, 4) or t.data_ptr() % 16:
         return (1,) + tuple(False for _ in others)
     align = 16 // min(sizes)
 

@@ -406,3 +406,23 @@ def test_alignment_of_other_row_layouts():
     assert K._alignment(2, lay(view), lay(view)) == (1, False)                # several rows per program: tiled
     assert K._alignment(1, lay(view[..., ::2]), lay(view)) == (1, False)      # strided columns
     assert K._alignment(1, lay(view), None) == (8, False)
+
+
+def test_strided_prior_columns_take_the_tiled_path(gen, monkeypatch):
+    """A prior (or output) whose columns are not contiguous keeps the launch on the tiled loop, and is read right."""
+    monkeypatch.setattr(K, "FORCE_CONFIG", (1, 64))
+    B, T, V = 2, 3, 150
+    pol = rand_logits((B, T, V), torch.bfloat16, gen)
+    pri = rand_logits((B, T, 2 * V), torch.float32, gen)[..., ::2]
+    z, *zl = K.row_layout(pol)
+    zp, *zpl = K.row_layout(pri)
+    assert K._alignment(1, (z, zl), (zp, zpl)) == (1, False)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    x = pol.detach().clone().requires_grad_(True)
+    st = ops.paired_token_stats(x, pri, y, entropy=True, kl=True, backend="triton")
+    x64, d = ref64(pol, pri, y, None, 1.0)
+    check_stats(st, d)
+    w = weights((B, T), gen)
+    loss_of(st._asdict(), w).backward()
+    loss_of(d, w).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)
