@@ -81,8 +81,9 @@ def _config(n: int, v: int) -> tuple[int, int, int]:
 def _alignment(rows: int, main, *others):
     """``(ALIGN, aligned...)`` of a launch: ``ALIGN`` elements make 16 bytes of the narrowest tensor when one row
     per program reads contiguous columns of ``main`` (``(tensor, (s0, s1, t1, sv))`` from :func:`row_layout`) and
-    of every other tensor, else 1 (the tiled loop); for each of ``others`` (or None), whether its rows start at the same offset modulo ``ALIGN``
-    as ``main``'s from a 16-byte-aligned base (so that the main loop's column range is 16-byte aligned there too)."""
+    of every other tensor, else 1 (the tiled loop); for each of ``others`` (or None), whether its rows start at
+    the same offset modulo ``ALIGN`` as ``main``'s from a 16-byte-aligned base (so that the main loop's column
+    range is 16-byte aligned there too)."""
     t, (s0, s1, t1, sv) = main
     sizes = [t.element_size()] + [o[0].element_size() for o in others if o is not None]
     unit = sv == 1 and all(o is None or o[1][3] == 1 for o in others)   # the row path reads columns at stride 1
@@ -135,6 +136,18 @@ def overlapping(x: torch.Tensor) -> bool:
             return True
         extent = s * n
     return False
+
+
+@triton.jit
+def _load_pair(z_ptr, zoff, zp_ptr, zpoff, msk, PAIR: tl.constexpr):
+    """A masked tile of logits as float32 at offsets ``zoff`` (-inf where masked), and the prior's at ``zpoff``
+    when ``PAIR`` (else the same tile again)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    x = tl.load(z_ptr + zoff, mask=msk, other=NEG_INF).to(tl.float32)
+    xp = x
+    if PAIR:
+        xp = tl.load(zp_ptr + zpoff, mask=msk, other=NEG_INF).to(tl.float32)
+    return x, xp
 
 
 @triton.jit
@@ -203,12 +216,9 @@ def _token_stats_fwd_kernel(
         if lead > 0:                                   # fewer than ALIGN <= 16 columns: a 16-wide tile
             hcols = tl.arange(0, 16)
             msk = row_ok[:, None] & ((hcols < lead) & (hcols < V))[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-            xp = x
-            if HAS_PRIOR:
-                xp = tl.load(zp_ptr + zprow[:, None] + hcols[None, :], mask=msk,
-                             other=NEG_INF).to(tl.float32) * inv_tau
-            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + hcols[None, :], zp_ptr, zprow[:, None] + hcols[None, :], msk,
+                               HAS_PRIOR)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
         tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
         base = tl.multiple_of(zr + lead, ALIGN)
         pbase = zpr + lead
@@ -224,23 +234,17 @@ def _token_stats_fwd_kernel(
         if c1 < V:
             cols = c1 + cols0
             msk = row_ok[:, None] & (cols < V)[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-            xp = x
-            if HAS_PRIOR:
-                xp = tl.load(zp_ptr + zprow[:, None] + cols[None, :], mask=msk,
-                             other=NEG_INF).to(tl.float32) * inv_tau
-            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + cols[None, :], zp_ptr, zprow[:, None] + cols[None, :], msk,
+                               HAS_PRIOR)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
     else:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             msk = row_ok[:, None] & (cols < V)[None, :]
             coff = cols.to(tl.int64)[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32) * inv_tau
-            xp = x
-            if HAS_PRIOR:
-                xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk,
-                             other=NEG_INF).to(tl.float32) * inv_tau
-            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + coff * z_sv, zp_ptr, zprow[:, None] + coff * zp_sv, msk,
+                               HAS_PRIOR)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
 
     logS = tl.log(S)
     lse = m + logS
@@ -275,7 +279,6 @@ def _token_stats_bwd_kernel(
     HAS_GSEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
     PRIOR_ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr,
 ):
-    NEG_INF: tl.constexpr = float("-inf")
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -320,10 +323,8 @@ def _token_stats_bwd_kernel(
         if lead > 0:
             hcols = tl.arange(0, 16)
             msk = row_ok[:, None] & ((hcols < lead) & (hcols < V))[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
-            xp = x
-            if HAS_GKL:
-                xp = tl.load(zp_ptr + zprow[:, None] + hcols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + hcols[None, :], zp_ptr, zprow[:, None] + hcols[None, :], msk,
+                               HAS_GKL)
             dx = _bwd_tile(x, xp, hcols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
             tl.store(g_ptr + grow[:, None] + hcols[None, :], dx.to(g_ptr.dtype.element_ty), mask=msk)
         tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
@@ -346,10 +347,8 @@ def _token_stats_bwd_kernel(
         if c1 < V:
             cols = c1 + cols0
             msk = row_ok[:, None] & (cols < V)[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
-            xp = x
-            if HAS_GKL:
-                xp = tl.load(zp_ptr + zprow[:, None] + cols[None, :], mask=msk, other=NEG_INF).to(tl.float32)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + cols[None, :], zp_ptr, zprow[:, None] + cols[None, :], msk,
+                               HAS_GKL)
             dx = _bwd_tile(x, xp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
             tl.store(g_ptr + grow[:, None] + cols[None, :], dx.to(g_ptr.dtype.element_ty), mask=msk)
     else:
@@ -357,10 +356,7 @@ def _token_stats_bwd_kernel(
             cols = v0 + cols0
             msk = row_ok[:, None] & (cols < V)[None, :]
             coff = cols.to(tl.int64)[None, :]
-            x = tl.load(z_ptr + zrow[:, None] + coff * z_sv, mask=msk, other=NEG_INF).to(tl.float32)
-            xp = x
-            if HAS_GKL:
-                xp = tl.load(zp_ptr + zprow[:, None] + coff * zp_sv, mask=msk, other=NEG_INF).to(tl.float32)
+            x, xp = _load_pair(z_ptr, zrow[:, None] + coff * z_sv, zp_ptr, zprow[:, None] + coff * zp_sv, msk, HAS_GKL)
             dx = _bwd_tile(x, xp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
             tl.store(g_ptr + grow[:, None] + coff * g_sv, dx.to(g_ptr.dtype.element_ty), mask=msk)
 
