@@ -59,6 +59,20 @@ def check_stats(st, d, tol=(1e-5, 3e-5)):
         torch.testing.assert_close(got.double(), want.detach(), rtol=tol[0], atol=tol[1], msg=k)
 
 
+def stats_and_grads_match(pol, pri, y, mask, tau, gen, tol):
+    """The Triton op with entropy and KL against float64: every output, and the gradient of a random weighting of
+    them with respect to the policy logits (``pol``, read with its own strides, not modified) to ``tol``."""
+    x = pol.detach().requires_grad_(True)
+    assert x.stride() == pol.stride()
+    st = ops.paired_token_stats(x, pri, y, mask=mask, entropy=True, kl=True, temperature=tau, backend="triton")
+    x64, d = ref64(pol, pri, y, mask, tau)
+    check_stats(st, d)
+    w = weights(y.shape, gen)
+    loss_of(st._asdict(), w).backward()
+    loss_of(d, w).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+
+
 # (V, config (ROWS, BLOCK_V) or None for the interpreter's heuristic, temperature)
 CASES = [(1, None, 1.0), (37, (4, 16), 0.7), (1000, (2, 128), 1.3), (333, (1, 64), 1.0), (517, None, 0.6)]
 
@@ -202,14 +216,7 @@ def test_noncontiguous_inputs(gen):
     y = torch.randint(0, V, (T, B), generator=gen).t()
     mask = (torch.rand(T, B, generator=gen) > 0.3).t()
     assert not pol.is_contiguous() and not pri.is_contiguous() and not y.is_contiguous()
-    pol.requires_grad_(True)
-    st = ops.paired_token_stats(pol, pri, y, mask=mask, entropy=True, kl=True, temperature=1.1, backend="triton")
-    x, d = ref64(pol, pri, y, mask, 1.1)
-    check_stats(st, d)
-    w = weights((B, T), gen)
-    loss_of(st._asdict(), w).backward()
-    loss_of(d, w).backward()
-    torch.testing.assert_close(pol.grad.double(), x.grad, rtol=2e-5, atol=2e-5)
+    stats_and_grads_match(pol, pri, y, mask, 1.1, gen, 2e-5)
     # more than two leading dims that do not merge: copied, still right
     z4 = rand_logits((2, 3, 4, 2 * V), torch.float32, gen)[..., :V].permute(2, 0, 1, 3)
     y4 = torch.randint(0, V, z4.shape[:-1], generator=gen)
@@ -376,15 +383,7 @@ def test_aligned_row_path(name, V, pol_kind, pri_kind, gen, monkeypatch):
     assert align == 8 and prior_aligned == (pol_kind == pri_kind or V % 8 == 0)
     y = torch.randint(0, V, (B, T), generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.3
-    x = pol.detach().clone().requires_grad_(True)
-    st = ops.paired_token_stats(x, pri, y, mask=mask, entropy=True, kl=True, temperature=0.8, backend="triton")
-    x64, d = ref64(pol, pri, y, mask, 0.8)
-    check_stats(st, d)
-    w = weights((B, T), gen)
-    loss_of(st._asdict(), w).backward()
-    loss_of(d, w).backward()
-    tol = 2e-5 if dt == torch.float32 else 1e-2
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+    stats_and_grads_match(pol, pri, y, mask, 0.8, gen, 2e-5 if dt == torch.float32 else 1e-2)
 
 
 def test_alignment_of_other_row_layouts():
@@ -418,11 +417,4 @@ def test_strided_prior_columns_take_the_tiled_path(gen, monkeypatch):
     zp, *zpl = K.row_layout(pri)
     assert K._alignment(1, (z, zl), (zp, zpl)) == (1, False)
     y = torch.randint(0, V, (B, T), generator=gen)
-    x = pol.detach().clone().requires_grad_(True)
-    st = ops.paired_token_stats(x, pri, y, entropy=True, kl=True, backend="triton")
-    x64, d = ref64(pol, pri, y, None, 1.0)
-    check_stats(st, d)
-    w = weights((B, T), gen)
-    loss_of(st._asdict(), w).backward()
-    loss_of(d, w).backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)
+    stats_and_grads_match(pol, pri, y, None, 1.0, gen, 1e-2)
