@@ -202,6 +202,7 @@ class _FastDecoder(Decoder):
         self.k = self.v = self.kv = None
         self.n = 0                  # filled positions
         self.valid = None           # [B, S] bool: which slots hold real tokens (None: all of them)
+        self._sbias = None          # the steps' additive attention mask (see _step_bias)
         self.pos = None             # [B, S] long: the position of every slot of every row
         self._bias_cache = None     # the additive attention mask of the pass over every position
         self.record = record        # keep every GEMM's output for replay_logits (the slab path of families that can)
@@ -209,24 +210,42 @@ class _FastDecoder(Decoder):
         self._graph = None          # the captured step, its input and output buffers
         self.recording = False      # decided at prefill
         self.cast = False           # the GEMM weights are copies (cast_gemm_weights): nothing to replay through
+        self.fused = None           # [layer][group]: the stacked weights of cast_gemm_weights' _FUSED groups
 
     # ---- weights -----------------------------------------------------------------------------------------------
 
     _GEMMS: tuple = ()          # positions of the GEMM modules (Linear / Conv1D) in each of self.blocks' tuples
+    _FUSED: tuple = ()          # groups of those positions: Linears of one input, cast into one stacked weight
 
     def cast_gemm_weights(self, dtype: torch.dtype) -> None:
         """Decode with copies of the GEMM weights (and biases, and the output layer's) in ``dtype``, made once for
         the pass: under autocast, a step would otherwise cast every float32 weight to ``dtype`` again (reading
         4 + 2 bytes a parameter more than the GEMM's 2, and a kernel per weight; autocast's cache cannot serve a
         CUDA graph). Autocast's own rounding, so the pass computes what it would have. Norms and embeddings stay
-        as they are (autocast keeps them in float32)."""
+        as they are (autocast keeps them in float32). The Linears of each :data:`_FUSED` group (Llama's q, k, v
+        and gate, up) are cast into one stacked ``[sum of outs, in]`` weight (``self.fused[layer][group]``; the
+        members are views of it): one GEMM, and one cast of its input, in place of two or three."""
         if self.wdtype == dtype or not self._GEMMS:
             return
 
         def cast(m):
             return SimpleNamespace(weight=m.weight.detach().to(dtype),
                                    bias=None if m.bias is None else m.bias.detach().to(dtype))
-        self.blocks = [tuple(cast(m) if j in self._GEMMS else m for j, m in enumerate(b)) for b in self.blocks]
+        blocks, fused = [], []
+        for b in self.blocks:
+            b, groups = list(b), []
+            for group in self._FUSED:
+                w, bias = _stack([b[j] for j in group], dtype)
+                groups.append(SimpleNamespace(weight=w, bias=bias))
+                at = 0
+                for j in group:
+                    n = b[j].weight.shape[0]
+                    b[j] = SimpleNamespace(weight=w[at:at + n], bias=None if bias is None else bias[at:at + n])
+                    at += n
+            grouped = {j for g in self._FUSED for j in g}
+            blocks.append(tuple(cast(m) if j in self._GEMMS and j not in grouped else m for j, m in enumerate(b)))
+            fused.append(groups)
+        self.blocks, self.fused = blocks, fused if self._FUSED else None
         self.head_w = self.head_w.detach().to(dtype)
         self.head_b = None if self.head_b is None else self.head_b.detach().to(dtype)
         self.cast = True
@@ -251,10 +270,16 @@ class _FastDecoder(Decoder):
             return
         if self.k is None:  # the dtype of k: the weights', or autocast's
             new = torch.zeros if self.static else torch.empty   # static attention reads (masked) unfilled slots
-            self.k = new(self.n_layer, B, self.S, Hkv, hd, dtype=k.dtype, device=self.dev)
-            self.v = new(self.n_layer, B, self.S, Hkv, hd, dtype=v.dtype, device=self.dev)
-        self.k[i, :, :P] = k
-        self.v[i, :, :P] = v
+            # one tensor, a slot's keys and values side by side: a step writes both in one copy (k and v of a fused
+            # QKV GEMM are adjacent); k and v are views
+            self.kvc = new(self.n_layer, B, self.S, 2, Hkv, hd, dtype=k.dtype, device=self.dev)
+            self.k, self.v = self.kvc[:, :, :, 0], self.kvc[:, :, :, 1]
+        kv = _kv_pair(k, v)
+        if kv is not None:
+            self.kvc[i, :, :P] = kv
+        else:
+            self.k[i, :, :P] = k
+            self.v[i, :, :P] = v
 
     def _alloc_slab(self):
         L, S, B, D, Dkv, Hkv, hd = self.n_layer, self.S, self.B, self.D, self.Dkv, self.n_kv, self.hd
@@ -321,22 +346,43 @@ class _FastDecoder(Decoder):
     def _attend_step(self, i: int, q, k, v):
         """One query per row, "sdpa" layout: ``q [B, 1, H, hd]``, ``k, v [B, 1, Hkv, hd]`` -> ``[B, H * hd]``."""
         B, _, H, hd = q.shape
-        ck, cv = self.k[i], self.v[i]
+        kv = _kv_pair(k, v)
         gqa = {"enable_gqa": True} if self.n_kv != H else {}
-        if self.static:
+        if self.static:                     # the slot index on the device; unfilled slots masked by the bias
             idx = self._n_dev.view(1)
-            ck.index_copy_(1, idx, k)
-            cv.index_copy_(1, idx, v)
-            mask = self._step_mask
+            if kv is not None:
+                self.kvc[i].index_copy_(1, idx, kv)
+            else:
+                self.k[i].index_copy_(1, idx, k)
+                self.v[i].index_copy_(1, idx, v)
+            ck, cv, mask = self.k[i], self.v[i], self._sbias[..., :self.S]
         else:
             n = self.n + 1
-            ck[:, self.n] = k[:, 0]
-            cv[:, self.n] = v[:, 0]
-            ck, cv = ck[:, :n], cv[:, :n]
-            mask = None if self.valid is None else self.valid[:, None, None, :n]
+            if kv is not None:
+                self.kvc[i, :, self.n] = kv[:, 0]
+            else:
+                self.k[i, :, self.n] = k[:, 0]
+                self.v[i, :, self.n] = v[:, 0]
+            ck, cv = self.k[i, :, :n], self.v[i, :, :n]
+            mask = None if self._sbias is None else self._sbias[..., :n]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2),
                                            attn_mask=mask, scale=self.scales[i], **gqa)
         return o.reshape(B, H * hd)
+
+    def _step_bias(self, P: int):
+        """The steps' additive attention mask over the cache, ``[B, 1, 1, S]`` in the cache's dtype (0 at the slots
+        a query may read, -inf elsewhere), made once per pass and opened a slot per step (:meth:`_step`): not
+        converted from a boolean mask in every layer. Its rows are padded to a multiple of 8 elements, the
+        alignment SDPA's memory-efficient kernel wants (else it pads a copy at every call). None where nothing
+        is masked (dynamic steps without padding)."""
+        if not self.static and self.valid is None:
+            return None
+        S8 = -(-self.S // 8) * 8
+        bias = torch.full((self.B, 1, 1, S8), float("-inf"), dtype=self.k.dtype, device=self.dev)
+        filled = torch.arange(self.S, device=self.dev) < P
+        open_ = filled if self.valid is None else filled & self.valid
+        bias[..., :self.S].masked_fill_(open_.view(-1, 1, 1, self.S), 0.0)
+        return bias
 
     def _attend_slab(self, i: int):
         """One query per row from slot ``self.n`` of the slab (its q, k, v written there) -> ``[B, H * hd]``
@@ -374,6 +420,7 @@ class _FastDecoder(Decoder):
         self.recording = (self.record and self.slab and not self.cast and bool(self._recorded_gemms())
                           and self._record_bytes() <= RECORD_MAX_BYTES)
         self.P, self._versions = P, None
+        self._graph = None          # a captured step reads this pass's tables (positions, mask): capture anew
         if self.slab and self.kv is None:
             self._alloc_slab()
         if context_mask is None:
@@ -395,9 +442,7 @@ class _FastDecoder(Decoder):
         self.n = P
         if self.static:
             self._n_dev = torch.full((), P, dtype=torch.long, device=self.dev)
-            m = torch.ones(B, self.S, dtype=torch.bool, device=self.dev) if self.valid is None else self.valid
-            self._valid4 = m[:, None, None, :]
-            self._ar = torch.arange(self.S, device=self.dev)
+        self._sbias = None if self.slab else self._step_bias(P)
         return self._logits(h, P - 1)
 
     @torch.no_grad()
@@ -449,7 +494,7 @@ class _FastDecoder(Decoder):
         B, s = ids.shape
         if B != self.B or s != self.S:
             raise ValueError(f"ids: expected [{self.B}, {self.S}], got {list(ids.shape)}")
-        self.n, self.slab, self._prefilling = 0, False, True
+        self.n, self.slab, self._prefilling, self._per_pass = 0, False, True, {}
         self.valid = mask
         self.pos = (torch.arange(s, device=self.dev).expand(B, s) if mask is None
                     else (mask.long().cumsum(1) - 1).clamp_min(0))
@@ -465,8 +510,11 @@ class _FastDecoder(Decoder):
     def _step(self, tokens):
         """One token per row; static, it reads no host-side state that changes between tokens (CUDA-graph and
         torch.compile friendly: fixed shapes, device-side position and slot index)."""
-        if self.static:
-            self._step_mask = self._valid4 & (self._ar <= self._n_dev)
+        if self._sbias is not None:         # the slot being filled joins the keys (every row's is a real token)
+            if self.static:
+                self._sbias.index_fill_(3, self._n_dev.view(1), 0.0)
+            else:
+                self._sbias[..., self.n] = 0.0
         if self.recording:
             self._rec_ids[self.n].copy_(tokens)
         h = self._forward(tokens, prefill=False)
@@ -483,7 +531,7 @@ class _FastDecoder(Decoder):
     def _forward(self, ids, prefill: bool):
         """The layers over the contexts ``ids [B, P]`` (prefill) or one token per row ``ids [B]`` at slot
         ``self.n``: the last position's hidden state ``[B, d]``."""
-        self._prefilling = prefill
+        self._prefilling, self._per_pass = prefill, {}           # what a family computes once for all layers
         s = ids.shape[1] if prefill else 1
         x = self._embed(ids)                                      # [B * s, d]
         for i in range(self.n_layer):
@@ -599,6 +647,43 @@ def _ln(x, ln):
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+def _stack(linears, dtype):
+    """The weights ``[out_j, in]`` (and biases, zeros standing in for a missing one) of ``linears`` stacked along
+    the outputs and cast to ``dtype``, without a float32 temporary: ``(weight, bias or None)``."""
+    w0 = linears[0].weight
+    w = torch.empty(sum(m.weight.shape[0] for m in linears), w0.shape[1], dtype=dtype, device=w0.device)
+    has_b = any(m.bias is not None for m in linears)
+    b = torch.zeros(w.shape[0], dtype=dtype, device=w0.device) if has_b else None
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        w[at:at + n].copy_(m.weight.detach())
+        if m.bias is not None:
+            b[at:at + n].copy_(m.bias.detach())
+        at += n
+    return w, b
+
+
+def _kv_pair(k, v):
+    """``k, v [B, s, Hkv, hd]`` as one ``[B, s, 2, Hkv, hd]`` view where ``v`` follows ``k`` in memory at equal
+    strides (the outputs of a fused QKV GEMM), else None."""
+    B, s, Hkv, hd = k.shape
+    st = k.stride()
+    if (v.shape != k.shape or v.stride() != st or v.dtype != k.dtype or st[3] != 1 or st[2] != hd
+            or v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+            or v.data_ptr() - k.data_ptr() != Hkv * hd * k.element_size()):
+        return None
+    return k.as_strided((B, s, 2, Hkv, hd), (st[0], st[1], Hkv * hd, hd, 1))
+
+
+def _act(act, x):
+    """``act(x)`` for a Hugging Face activation module: GELU as one op where :data:`_GELU_KIND` knows its form
+    (Hugging Face's tanh-GELU is eight elementwise ops, each a kernel and, with autograd, a saved tensor), the
+    module itself elsewhere."""
+    kind = _GELU_KIND.get(type(act).__name__)
+    return act(x) if kind is None else F.gelu(x, approximate=kind)
+
+
 class _GPT2(_FastDecoder):
     def __init__(self, model, batch_size, max_len, **kw):
         super().__init__(model, batch_size, max_len, **kw)
@@ -652,7 +737,7 @@ class _GPT2(_FastDecoder):
         _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
         f = self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight)
         g = cpu_decode.activation(f, act)                          # no autograd: one C pass
-        h = self._keep("act", i, act(f) if g is None else g)
+        h = self._keep("act", i, _act(act, f) if g is None else g)
         if self.recording and "dact" in self._rec:
             self._keep("dact", i, _gelu_grad(f, _GELU_KIND[type(act).__name__]))
         return self._gemm("mlp", i, m_proj.bias, h, m_proj.weight) + x
@@ -675,7 +760,7 @@ class _GPT2(_FastDecoder):
         a = self._attend_all(i, q, k, v).view(B, s, D)
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
         f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False)
-        g = _ReplayGELU.apply(f, rec["act"], rec["dact"]) if "act" in rec else act(f)
+        g = _ReplayGELU.apply(f, rec["act"], rec["dact"]) if "act" in rec else _act(act, f)
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
     def _final_norm(self, h):
@@ -691,9 +776,16 @@ def _rms(x, norm):
     return norm.weight * x32.to(dt)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rotary(x, cos, sin, inplace: bool):
+    """RoPE, ``x * cos + rotate_half(x) * sin`` with ``sin`` carrying rotate_half's sign (``rotate_half(x) =
+    roll(x, hd/2) * sign``): three kernels, not seven. A new tensor in the type promotion of ``x`` and ``cos``
+    (float32 under autocast, as the model's), or, ``inplace`` (no autograd), written back into ``x``: rounded to
+    its dtype as SDPA under autocast would round it (the cache then holds what attention reads), and the k and v
+    of a fused QKV GEMM left side by side for the cache."""
+    r = torch.roll(x, x.shape[-1] // 2, -1)
+    if not inplace:
+        return torch.addcmul(x * cos, r, sin)
+    return x.copy_((x * cos).addcmul_(r, sin))
 
 
 def _linear_t(lin, h, out):
@@ -719,17 +811,18 @@ class _Llama(_FastDecoder):
         self.scales = [getattr(b.self_attn, "scaling", self.hd ** -0.5) for b in base.layers]
 
     _GEMMS = (1, 2, 3, 4, 6, 7, 9)
+    _FUSED = ((1, 2, 3), (6, 7))                                  # q, k, v; gate, up
 
     def _start(self):
-        # cos/sin of every slot of every row: [B, S, hd] (the rotary module's own computation)
+        # cos/sin of every slot of every row: [B, S, hd] (the rotary module's own computation), with rotate_half's
+        # sign folded into sin: rotate_half(x) = roll(x, hd/2) * sign
         x = torch.empty(0, dtype=self.emb.dtype, device=self.dev)
-        self.cos, self.sin = self.rotary(x, self.pos)
-        if self.slab:
-            # feature-major [S, hd, B], with rotate_half's sign folded into sin: rotate_half(x) = roll(x) * sign
-            h = self.hd // 2
-            sign = torch.cat([-torch.ones(h), torch.ones(self.hd - h)]).to(self.sin)
+        self.cos, sin = self.rotary(x, self.pos)
+        h = self.hd // 2
+        self.sin_s = sin * torch.cat([-torch.ones(h), torch.ones(self.hd - h)]).to(sin)
+        if self.slab:                                               # feature-major [S, hd, B]
             self.cos_t = self.cos.permute(1, 2, 0).contiguous()
-            self.sin_t = (self.sin * sign).permute(1, 2, 0).contiguous()
+            self.sin_t = self.sin_s.permute(1, 2, 0).contiguous()
 
     def _embed(self, ids):
         return F.embedding(ids, self.emb).view(-1, self.d)
@@ -738,19 +831,28 @@ class _Llama(_FastDecoder):
         return _rms(x, self.blocks[i][0])
 
     def _rope(self, s):
-        """cos, sin ``[B, s, 1, hd]`` of the positions being computed."""
+        """cos, sin (signed: see :func:`_rotary`) ``[B, s, 1, hd]`` of the positions being computed (a step's
+        taken once for all layers)."""
         if self._prefilling:
-            return self.cos[:, :s, None], self.sin[:, :s, None]
-        return self._slot(self.cos)[:, None, None], self._slot(self.sin)[:, None, None]
+            return self.cos[:, :s, None], self.sin_s[:, :s, None]
+        if "rope" not in self._per_pass:
+            self._per_pass["rope"] = (self._slot(self.cos)[:, None, None], self._slot(self.sin_s)[:, None, None])
+        return self._per_pass["rope"]
 
     def _qkv(self, i, h, s):
-        _, qp, kp, vp = self.blocks[i][:4]
         B, H, Hkv, hd = self.B, self.n_head, self.n_kv, self.hd
         cos, sin = self._rope(s)
+        if self.fused is not None:          # one GEMM; q and k rotated together, k and v left side by side
+            qkv = self.fused[i][0]
+            y = F.linear(h, qkv.weight, qkv.bias).view(B, s, H + 2 * Hkv, hd)
+            qk = _rotary(y[:, :, :H + Hkv], cos, sin, not torch.is_grad_enabled())
+            return qk[:, :, :H], qk[:, :, H:], y[:, :, H + Hkv:]
+        _, qp, kp, vp = self.blocks[i][:4]
         q = self._keep("q", i, F.linear(h, qp.weight, qp.bias)).view(B, s, H, hd)
         k = self._keep("k", i, F.linear(h, kp.weight, kp.bias)).view(B, s, Hkv, hd)
         v = F.linear(h, vp.weight, vp.bias).view(B, s, Hkv, hd)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        inplace = not torch.is_grad_enabled()                     # fresh GEMM outputs (recorded ones copied)
+        return _rotary(q, cos, sin, inplace), _rotary(k, cos, sin, inplace), v
 
     def _qkv_slab(self, i, h, slot):
         _, qp, kp, vp = self.blocks[i][:4]
@@ -773,7 +875,12 @@ class _Llama(_FastDecoder):
     def _mlp(self, i, x):
         _, _, _, _, _, n2, gp, up, act, dp = self.blocks[i]
         h = _rms(x, n2)
-        return x + self._linear("down", i, dp, act(self._linear("gate", i, gp, h)) * self._linear("up", i, up, h))
+        if self.fused is not None:                                # gate and up in one GEMM
+            gu = self.fused[i][1]
+            g, u = F.linear(h, gu.weight, gu.bias).chunk(2, -1)
+        else:
+            g, u = self._linear("gate", i, gp, h), self._linear("up", i, up, h)
+        return x + self._linear("down", i, dp, act(g) * u)
 
     def _recorded_gemms(self):
         F_ = self.blocks[0][6].weight.shape[0]
@@ -788,11 +895,11 @@ class _Llama(_FastDecoder):
         B, H, Hkv, hd, D, Dkv = self.B, self.n_head, self.n_kv, self.hd, self.D, self.Dkv
         rec = {k: v[i, :, :s] for k, v in self._rec.items()}
         h = _rms(x, n1)
-        cos, sin = self.cos[:, :s, None], self.sin[:, :s, None]
+        cos, sin = self.cos[:, :s, None], self.sin_s[:, :s, None]
         q = _Replay.apply(h, qp.weight, qp.bias, rec["q"], True).view(B, s, H, hd)
         k = _Replay.apply(h, kp.weight, kp.bias, rec["k"], True).view(B, s, Hkv, hd)
         v = _Replay.apply(h, vp.weight, vp.bias, self._slots[i][:s, D + Dkv:].permute(2, 0, 1), True)
-        a = self._attend_all(i, q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin,
+        a = self._attend_all(i, _rotary(q, cos, sin, False), _rotary(k, cos, sin, False),
                              v.view(B, s, Hkv, hd)).view(B, s, D)
         x = x + _Replay.apply(a, op.weight, op.bias, rec["o"], True)
         h = _rms(x, n2)

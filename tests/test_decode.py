@@ -333,6 +333,65 @@ def test_autocast_bf16(name):
     assert s.token_logprob.dtype == torch.float32 and bool(torch.isfinite(s.logprob).all())
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_static_cast_steps_under_autocast(name):
+    """The GPU's decoding set-up on the CPU: static cache (its additive mask opened a slot a step), the GEMM weights
+    cast once for the pass (Llama's q, k, v and gate, up stacked) under autocast: the dynamic steps' logits to
+    rounding, both within bf16 rounding of the float32 forward."""
+    model, B, T = get(name), 6, 5
+    ids, mask = contexts("padded", B)
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for static in (False, True):
+        dec = decoder(model, B, P + T, static=static, attention="sdpa")
+        if static:
+            dec.cast_gemm_weights(torch.bfloat16)
+            assert dec.k is None and (dec.fused is None) == (name == "gpt2")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            runs.append(torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1).float())
+        assert dec.k.dtype == torch.bfloat16                     # the cache holds what attention reads
+    with torch.no_grad():
+        ref = hf_logits(model, torch.cat([ids, toks], 1), torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1))
+    ref = ref[:, P - 1:]
+    bf16_err = (runs[0] - ref).abs().max()
+    assert 0 < bf16_err < 0.1 * ref.abs().max()
+    assert (runs[1] - ref).abs().max() <= 1.5 * bf16_err
+    torch.testing.assert_close(runs[1], runs[0], atol=0.5 * bf16_err.item(), rtol=0)
+
+
+@pytest.mark.parametrize("name, per_layer", [("gpt2", 13), ("llama-gqa", 28)])
+def test_a_decoding_step_is_few_ops(name, per_layer):
+    """The ops (each a kernel on a GPU) of one static decoding step under autocast with the weights cast for the
+    pass, per layer: GPT-2 13 (norms, their casts, 4 GEMMs, one cache write, attention, GELU as one op, two
+    residual adds); Llama 18 and its two RMSNorms (5 ops each on the CPU; q, k, v and gate, up one GEMM each, RoPE
+    in 4). Views are free; a regression (GELU as eight ops, a cast per weight, a mask converted per layer) fails."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.n += not (torch.Tag.view_copy in func.tags or func.is_view
+                           or func.overloadpacket.__name__ in ("t", "transpose", "split", "chunk", "unbind"))
+            return out
+
+    counts = []
+    for n_layer in (2, 3):
+        model = (build_tiny(V, n_layer=n_layer, n_embd=32, n_head=4, seed=1) if name == "gpt2"
+                 else tiny_llama(num_hidden_layers=n_layer))
+        dec = decoder(model, 4, 8, static=True)
+        dec.cast_gemm_weights(torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            dec.prefill(torch.ones(4, 1, dtype=torch.long), None)
+            dec.step(torch.ones(4, dtype=torch.long))
+            with Ops() as ops:
+                dec.step(torch.ones(4, dtype=torch.long))
+        counts.append(ops.n)
+    assert counts[1] - counts[0] <= per_layer, counts
+
+
 def test_bf16_weights():
     """bf16 weights on the CPU take the SDPA layout and stay within bf16 rounding of the model's forward."""
     model = build_tiny(V, n_layer=2, n_embd=32, n_head=4, seed=1, initializer_range=0.3).to(torch.bfloat16)
@@ -385,16 +444,18 @@ def test_cuda_graph_steps_equal_eager_steps(name, amp):
     runs = []
     for kw in (dict(), dict(static=True, cuda_graph=True)):
         dec = decoder(model, B, P + T, **kw)
-        with torch.no_grad():
-            with ctx():
-                out = [dec.prefill(ids, mask).clone()]
-            for t in range(T):
+        for rows in (ids, ids.flip(0)):                # two passes of one decoder: the second captures anew
+            with torch.no_grad():
                 with ctx():
-                    out.append(dec.step(toks[:, t]).clone())
-        runs.append(torch.stack(out, 1).float())
+                    out = [dec.prefill(rows, mask).clone()]
+                for t in range(T):
+                    with ctx():
+                        out.append(dec.step(toks[:, t]).clone())
+            runs.append(torch.stack(out, 1).float())
     assert dec._graph is not None and dec.cuda_graph                  # captured, not fallen back
     tol = 3e-2 * runs[0].abs().max().item() if amp else 2e-5
-    torch.testing.assert_close(runs[1], runs[0], atol=tol, rtol=0)
+    torch.testing.assert_close(runs[2], runs[0], atol=tol, rtol=0)
+    torch.testing.assert_close(runs[3], runs[1], atol=tol, rtol=0)
     draws = [sample(model, B, 8, eos_token_id=0, context_ids=ids, context_mask=mask, cuda_graph=g,
                     generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
     assert torch.equal(draws[0].tokens, draws[1].tokens)
