@@ -126,7 +126,7 @@ def unavailable_reason(dec, all_done=None) -> str | None:
     act = type(dec.blocks[0][5]).__name__
     if act not in _ACT:
         return f"the activation {act} (native: GELU, tanh-GELU, ReLU)"
-    tensors = [dec.wte, dec.pe, dec.head_w, dec.ln_f.weight, dec.ln_f.bias]
+    tensors = [dec.wte, dec.pe, dec.head_w, dec.final_norm.weight, dec.final_norm.bias]
     for blk in dec.blocks:
         ln1, c_attn, c_proj, ln2, c_fc, _, m_proj = blk
         tensors += [ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias, ln2.weight,
@@ -159,14 +159,14 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     keep = [u, tokens, lps, logits, valid]                              # alive during the call
     dims = [L, B, S, dec.d, dec.n_head, F, V, _ACT[type(dec.blocks[0][5]).__name__], dec.n, max_length,
             -1 if eos_token_id is None else eos_token_id, pad, stop_check_every, torch.get_num_threads()]
-    fp = [dec.ln_f.eps]
+    fp = [dec.final_norm.eps]
     for i, blk in enumerate(dec.blocks):
         fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
 
     def ptr(t):
         return None if t is None else t.data_ptr()
 
-    ptrs = [dec.wte, dec.pe, dec.kv, dec.ln_f.weight, dec.ln_f.bias, dec.head_w, dec.head_b, valid, u, logits,
+    ptrs = [dec.wte, dec.pe, dec.kv, dec.final_norm.weight, dec.final_norm.bias, dec.head_w, dec.head_b, valid, u, logits,
             tokens, lps, rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
     ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]

@@ -12,13 +12,14 @@ same order where the model defines them; equal to its forward to float rounding)
 mode: a model in train mode with dropout on, another family, forward hooks, sharded (DTensor), quantized or
 meta weights take the generic path (the model's forward with Hugging Face's dynamic cache).
 
-On a GPU the cache is ``[layers, B, max_len, kv_heads, head_dim]`` and attention is
-``scaled_dot_product_attention``; ``static=True`` gives every step fixed shapes and no host-side state that
-changes per token (attention over the whole cache under a mask, writes at a device-side slot index), and
-``cuda_graph=True`` replays every step after the first from one captured CUDA graph. On the CPU (by default) the
-cache is a feature-major "slab" (see :class:`_FastDecoder`) that the QKV projection writes in place and
-single-query attention reads with two broadcast products, several times cheaper than SDPA's per-(row, head) loop at
-decoding sizes.
+On a GPU the cache is ``[layers, B, max_len, 2, kv_heads, head_dim]`` (a slot's keys and values side by side) and
+attention is ``scaled_dot_product_attention``; ``static=True`` gives every step fixed shapes and no host-side state
+that changes per token (attention over the whole cache under an additive mask, writes at a device-side slot index),
+and ``cuda_graph=True`` replays every step after the first from one captured CUDA graph. A step there is bound by
+its kernel count, so each residual add, the norm after it and its cast are one Triton kernel
+(:data:`FUSED_NORMS`, :mod:`fdpg.kernels.norms`). On the CPU (by default) the cache is a feature-major "slab" (see
+:class:`_FastDecoder`) that the QKV projection writes in place and single-query attention reads with two broadcast
+products, several times cheaper than SDPA's per-(row, head) loop at decoding sizes.
 
 The same per-family code gives the scoring pass (:func:`hidden_states`: every position, with autograd, no host
 sync) and, on the CPU slab path, a *replay*: ``decoder(..., record=True)`` keeps every GEMM's output of the sampling
@@ -38,6 +39,20 @@ __all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
 
 _BMM_MAX_LEN = 512          # CPU attention by batched GEMMs up to this many positions (the scores are [B, H, s, s])
 RECORD_MAX_BYTES = 2 << 30  # record a sampling pass for its replay only when that takes at most this much memory
+#: Where decoding steps fuse each residual add with the norm after it and its cast (kernels/norms.py, Triton):
+#: "cuda" (CUDA devices, the default), "always" (CPU tensors too: the tests, under TRITON_INTERPRET=1) or "off".
+FUSED_NORMS = "cuda"
+
+
+def _fused_norms(device: torch.device) -> bool:
+    """Whether decoding steps on ``device`` take :func:`fdpg.kernels.norms.add_norm` (see :data:`FUSED_NORMS`)."""
+    if FUSED_NORMS not in ("cuda", "always", "off"):
+        raise ValueError(f"fdpg.decode.FUSED_NORMS: expected 'cuda', 'always' or 'off', got {FUSED_NORMS!r}")
+    if FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _exact(module, *names) -> bool:
@@ -171,8 +186,9 @@ class _FastDecoder(Decoder):
 
     Two cache layouts (``S`` = max_len, ``D``/``Dkv`` = query/key width):
 
-    - "sdpa" (GPUs, and ``static``): ``k, v [layers, B, S, kv_heads, head_dim]``, FlashAttention's layout (a
-      token's keys are one contiguous row), read by ``scaled_dot_product_attention``.
+    - "sdpa" (GPUs, and ``static``): ``k, v [layers, B, S, kv_heads, head_dim]``, views of one
+      ``[layers, B, S, 2, kv_heads, head_dim]`` tensor (a token's keys one contiguous row, its values the next:
+      the k and v of a fused QKV GEMM are written in one copy), read by ``scaled_dot_product_attention``.
     - "slab" (the CPU): ``[layers, S, D + 2 Dkv, B]``, one slot per position holding that token's q, k and v
       transposed (feature-major, batch innermost). The QKV projection writes a slot in place (``out=`` of one
       GEMM, no copy), and single-query attention is two broadcast products that broadcast over the outermost
@@ -210,6 +226,7 @@ class _FastDecoder(Decoder):
         self._graph = None          # the captured step, its input and output buffers
         self.recording = False      # decided at prefill
         self.cast = False           # the GEMM weights are copies (cast_gemm_weights): nothing to replay through
+        self.fuse_norms = False     # steps add, norm and cast in one kernel (decided at prefill: _fused_norms)
         self.fused = None           # [layer][group]: the stacked weights of cast_gemm_weights' _FUSED groups
 
     # ---- weights -----------------------------------------------------------------------------------------------
@@ -419,6 +436,7 @@ class _FastDecoder(Decoder):
         self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
         self.recording = (self.record and self.slab and not self.cast and bool(self._recorded_gemms())
                           and self._record_bytes() <= RECORD_MAX_BYTES)
+        self.fuse_norms = not self.slab and _fused_norms(self.dev)
         self.P, self._versions = P, None
         self._graph = None          # a captured step reads this pass's tables (positions, mask): capture anew
         if self.slab and self.kv is None:
@@ -520,7 +538,7 @@ class _FastDecoder(Decoder):
         h = self._forward(tokens, prefill=False)
         if self.static:
             self._n_dev += 1
-        return self._logits(h, self.n)
+        return self._logits(h, self.n, normed=self.fuse_norms)
 
     def _slot(self, table):
         """Row ``n`` (the slot being filled) of a per-slot table ``[B, S, ...]``: ``[B, ...]``."""
@@ -534,6 +552,8 @@ class _FastDecoder(Decoder):
         self._prefilling, self._per_pass = prefill, {}           # what a family computes once for all layers
         s = ids.shape[1] if prefill else 1
         x = self._embed(ids)                                      # [B * s, d]
+        if not prefill and self.fuse_norms:
+            return self._step_layers_fused(x)
         for i in range(self.n_layer):
             h = self._norm1(i, x)
             if prefill:
@@ -549,10 +569,48 @@ class _FastDecoder(Decoder):
     def _start(self):
         pass
 
-    def _logits(self, h, slot: int):
-        """The logits ``[B, V]`` at position ``slot`` (recorded when recording) from its hidden state ``h``."""
+    # ---- a layer as its family describes it: _norm(x, module), _norms(i) -> (before attention, before the MLP),
+    # self.final_norm, _proj(i, a) (attention output projection), _ffn(i, h) (the MLP of normed h), _RMS --------
+
+    def _norm1(self, i, x):
+        return self._norm(x, self._norms(i)[0])
+
+    def _final_norm(self, h):
+        return self._norm(h, self.final_norm)
+
+    def _attn_out(self, i, a, x):
+        return x + self._proj(i, a)
+
+    def _mlp(self, i, x):
+        return x + self._ffn(i, self._norm(x, self._norms(i)[1]))
+
+    def _step_layers_fused(self, x):
+        """A step's layers over ``x [B, d]`` with every residual add, the norm after it and the norm's cast to the
+        GEMM dtype in one kernel (:func:`fdpg.kernels.norms.add_norm`; the residual stream updated in place):
+        the final norm's output ``[B, d]``."""
+        from .kernels.norms import add_norm
+
+        dt = (torch.get_autocast_dtype(self.dev.type) if torch.is_autocast_enabled(self.dev.type)
+              else self.head_w.dtype)
+
+        def norm(x, delta, m):
+            return add_norm(x, delta, m.weight, None if self._RMS else m.bias,
+                            m.variance_epsilon if self._RMS else m.eps, rms=self._RMS, out_dtype=dt, inplace=True)
+
+        delta = None                        # the branch output not yet added to x
+        for i in range(self.n_layer):
+            n1, n2 = self._norms(i)
+            x, h = norm(x, delta, n1)
+            a = self._attend_step(i, *self._qkv(i, h, 1))
+            x, h = norm(x, self._proj(i, a), n2)
+            delta = self._ffn(i, h)
+        return norm(x, delta, self.final_norm)[1]
+
+    def _logits(self, h, slot: int, normed: bool = False):
+        """The logits ``[B, V]`` at position ``slot`` (recorded when recording) from its hidden state ``h`` (the
+        final norm's output when ``normed``)."""
         out = self._rec_logits[:, slot] if self.recording else None
-        h = self._final_norm(h)
+        h = h if normed else self._final_norm(h)
         if out is None:
             return F.linear(h, self.head_w, self.head_b)
         if self.head_b is None:
@@ -692,7 +750,7 @@ class _GPT2(_FastDecoder):
         self.n_kv, self.d = self.n_head, cfg.n_embd
         self.hd = self.d // self.n_head
         self.D = self.Dkv = self.d
-        self.wte, self.wpe, self.ln_f = tr.wte.weight, tr.wpe.weight, tr.ln_f
+        self.wte, self.wpe, self.final_norm = tr.wte.weight, tr.wpe.weight, tr.ln_f
         self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.act, b.mlp.c_proj)
                        for b in tr.h]
         self._blocks_changed()
@@ -718,8 +776,14 @@ class _GPT2(_FastDecoder):
             return (F.embedding(ids, self.wte) + self.pe[:, :ids.shape[1]]).view(-1, self.d)
         return F.embedding(ids, self.wte) + self._slot(self.pe)
 
-    def _norm1(self, i, x):
-        return _ln(x, self.blocks[i][0])
+    _RMS = False
+
+    @staticmethod
+    def _norm(x, ln):
+        return _ln(x, ln)
+
+    def _norms(self, i):
+        return self.blocks[i][0], self.blocks[i][3]
 
     def _qkv(self, i, h, s):
         c_attn = self.blocks[i][1]
@@ -729,18 +793,18 @@ class _GPT2(_FastDecoder):
         bias, w_t = self.qkv_t[i]                                  # slot [3D, B] = W^T h^T + b
         torch.addmm(bias, w_t, h.t(), out=slot)
 
-    def _attn_out(self, i, a, x):
+    def _proj(self, i, a):
         c_proj = self.blocks[i][2]
-        return self._gemm("proj", i, c_proj.bias, a, c_proj.weight) + x
+        return self._gemm("proj", i, c_proj.bias, a, c_proj.weight)
 
-    def _mlp(self, i, x):
-        _, _, _, ln2, c_fc, act, m_proj = self.blocks[i]
-        f = self._gemm("fc", i, c_fc.bias, _ln(x, ln2), c_fc.weight)
+    def _ffn(self, i, h):
+        _, _, _, _, c_fc, act, m_proj = self.blocks[i]
+        f = self._gemm("fc", i, c_fc.bias, h, c_fc.weight)
         g = cpu_decode.activation(f, act)                          # no autograd: one C pass
-        h = self._keep("act", i, _act(act, f) if g is None else g)
+        g = self._keep("act", i, _act(act, f) if g is None else g)
         if self.recording and "dact" in self._rec:
             self._keep("dact", i, _gelu_grad(f, _GELU_KIND[type(act).__name__]))
-        return self._gemm("mlp", i, m_proj.bias, h, m_proj.weight) + x
+        return self._gemm("mlp", i, m_proj.bias, g, m_proj.weight)
 
     def _recorded_gemms(self):
         width = self.blocks[0][4].weight.shape[1]
@@ -763,8 +827,6 @@ class _GPT2(_FastDecoder):
         g = _ReplayGELU.apply(f, rec["act"], rec["dact"]) if "act" in rec else _act(act, f)
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
-    def _final_norm(self, h):
-        return _ln(h, self.ln_f)
 
 
 def _rms(x, norm):
@@ -804,7 +866,7 @@ class _Llama(_FastDecoder):
         self.d = cfg.hidden_size
         self.hd = getattr(cfg, "head_dim", None) or self.d // self.n_head
         self.D, self.Dkv = self.n_head * self.hd, self.n_kv * self.hd
-        self.emb, self.norm, self.rotary = base.embed_tokens.weight, base.norm, base.rotary_emb
+        self.emb, self.final_norm, self.rotary = base.embed_tokens.weight, base.norm, base.rotary_emb
         self.blocks = [(b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
                         b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj,
                         b.mlp.act_fn, b.mlp.down_proj) for b in base.layers]
@@ -827,8 +889,14 @@ class _Llama(_FastDecoder):
     def _embed(self, ids):
         return F.embedding(ids, self.emb).view(-1, self.d)
 
-    def _norm1(self, i, x):
-        return _rms(x, self.blocks[i][0])
+    _RMS = True
+
+    @staticmethod
+    def _norm(x, norm):
+        return _rms(x, norm)
+
+    def _norms(self, i):
+        return self.blocks[i][0], self.blocks[i][5]
 
     def _rope(self, s):
         """cos, sin (signed: see :func:`_rotary`) ``[B, s, 1, hd]`` of the positions being computed (a step's
@@ -868,19 +936,17 @@ class _Llama(_FastDecoder):
         r = torch.roll(qk, hd // 2, 1)
         qk.mul_(cos).addcmul_(r, sin)
 
-    def _attn_out(self, i, a, x):
-        op = self.blocks[i][4]
-        return x + self._linear("o", i, op, a)
+    def _proj(self, i, a):
+        return self._linear("o", i, self.blocks[i][4], a)
 
-    def _mlp(self, i, x):
-        _, _, _, _, _, n2, gp, up, act, dp = self.blocks[i]
-        h = _rms(x, n2)
+    def _ffn(self, i, h):
+        _, _, _, _, _, _, gp, up, act, dp = self.blocks[i]
         if self.fused is not None:                                # gate and up in one GEMM
             gu = self.fused[i][1]
             g, u = F.linear(h, gu.weight, gu.bias).chunk(2, -1)
         else:
             g, u = self._linear("gate", i, gp, h), self._linear("up", i, up, h)
-        return x + self._linear("down", i, dp, act(g) * u)
+        return self._linear("down", i, dp, act(g) * u)
 
     def _recorded_gemms(self):
         F_ = self.blocks[0][6].weight.shape[0]
@@ -907,8 +973,6 @@ class _Llama(_FastDecoder):
                                                                                         rec["up"], True)
         return x + _Replay.apply(g, dp.weight, dp.bias, rec["down"], True)
 
-    def _final_norm(self, h):
-        return _rms(h, self.norm)
 
 
 class _Replay(torch.autograd.Function):

@@ -341,7 +341,23 @@ def _cases_linear(K):
     return cases
 
 
-CASES = {"logprobs": _cases_logprobs, "coefficients": _cases_coefficients, "linear": _cases_linear}
+def _cases_norms(K):
+    # a decoding step's rows: GPT-2 small (LayerNorm, d = 768) and a Llama (RMSNorm, d = 2048 and 4096), under
+    # autocast (float32 residual, bf16 out) and in bf16
+    cases = []
+    for d, rms in ((768, False), (2048, True), (4096, True)):
+        for xdt, odt in ((FP32, BF16), (BF16, BF16)):
+            def run(d=d, rms=rms, xdt=xdt, odt=odt):
+                for delta in (True, False):
+                    K.add_norm(meta(64, d, dtype=xdt), meta(64, d, dtype=odt) if delta else None, meta(d, dtype=xdt),
+                               None if rms else meta(d, dtype=xdt), 1e-5, rms=rms, out_dtype=odt, inplace=True)
+            cases.append(dict(label=f"add_norm {'rms' if rms else 'layer'} d={d} x {_DT[xdt]} out {_DT[odt]}",
+                              run=run, primary=xdt == FP32))
+    return cases
+
+
+CASES = {"logprobs": _cases_logprobs, "coefficients": _cases_coefficients, "linear": _cases_linear,
+         "norms": _cases_norms}
 
 
 def kernel_modules() -> list[str]:

@@ -1,4 +1,7 @@
 """The fast decoder (fdpg.decode) against Hugging Face's forward, and sampling through it against the generic path."""
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -390,6 +393,51 @@ def test_a_decoding_step_is_few_ops(name, per_layer):
                 dec.step(torch.ones(4, dtype=torch.long))
         counts.append(ops.n)
     assert counts[1] - counts[0] <= per_layer, counts
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("mode", [dict(), dict(static=True)])
+def test_fused_norm_steps(name, mode, monkeypatch):
+    """Steps with each residual add, norm and cast in one Triton kernel (a GPU's default; here under the
+    interpreter): the model's forward in float32, and the unfused steps to bf16 rounding under autocast with the
+    weights cast for the pass."""
+    pytest.importorskip("triton")
+    import copy
+
+    import fdpg.decode as D
+
+    model, B, T = get(name), 6, 4
+    ids, mask = contexts("padded", B)
+    if torch.cuda.is_available():                                  # the real kernel (and a GPU's autocast)
+        model, ids, mask = copy.deepcopy(model).cuda(), ids.cuda(), mask.cuda()
+    elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    dev = ids.device.type
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5)).to(ids.device)
+    full_mask = torch.cat([mask, torch.ones_like(toks, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:].float()
+
+    def run(fused, amp):
+        monkeypatch.setattr(D, "FUSED_NORMS", "always" if fused else "off")
+        dec = decoder(model, B, P + T, attention="sdpa", **mode)
+        ctx = torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False) if amp else contextlib.nullcontext()
+        if amp:
+            dec.cast_gemm_weights(torch.bfloat16)
+        with torch.no_grad(), ctx:
+            out = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1).float()
+        assert dec.fuse_norms == fused
+        return out
+
+    torch.testing.assert_close(run(True, False), want, atol=2e-5 if dev == "cpu" else 1e-4, rtol=0)
+    # the interpreter rounds float32 to bf16 toward zero (a GPU to nearest): a biased rounding, larger errors
+    fused, plain = run(True, True), run(False, True)
+    bf16_err = (plain - want).abs().max()
+    assert 0 < bf16_err < 0.05 * want.abs().max() and (fused - want).abs().max() <= 3 * bf16_err
+    monkeypatch.setattr(D, "FUSED_NORMS", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_NORMS"):
+        decoder(model, B, P + T, attention="sdpa").prefill(ids, mask)
 
 
 def test_bf16_weights():
