@@ -51,7 +51,11 @@ def _fused_norms(device: torch.device) -> bool:
     if FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
         return False
     import importlib.util
+    import os
 
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"fdpg.decode.FUSED_NORMS = 'always': Triton runs on {device.type} tensors only under "
+                         "TRITON_INTERPRET=1")
     return importlib.util.find_spec("triton") is not None
 
 
@@ -828,7 +832,6 @@ class _GPT2(_FastDecoder):
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
 
-
 def _rms(x, norm):
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32 and hasattr(F, "rms_norm"):
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)    # one op, same math
@@ -972,7 +975,6 @@ class _Llama(_FastDecoder):
         g = act(_Replay.apply(h, gp.weight, gp.bias, rec["gate"], True)) * _Replay.apply(h, up.weight, up.bias,
                                                                                         rec["up"], True)
         return x + _Replay.apply(g, dp.weight, dp.bias, rec["down"], True)
-
 
 
 class _Replay(torch.autograd.Function):

@@ -438,6 +438,11 @@ def test_fused_norm_steps(name, mode, monkeypatch):
     monkeypatch.setattr(D, "FUSED_NORMS", "sometimes")
     with pytest.raises(ValueError, match="FUSED_NORMS"):
         decoder(model, B, P + T, attention="sdpa").prefill(ids, mask)
+    if dev == "cpu":
+        monkeypatch.setattr(D, "FUSED_NORMS", "always")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            decoder(model, B, P + T, attention="sdpa").prefill(ids, mask)
 
 
 def test_bf16_weights():
