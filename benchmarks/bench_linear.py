@@ -4,7 +4,7 @@ One command on a GPU prints the whole table (bf16, N = 16384 tokens, d = 4096, V
 
     python benchmarks/bench_linear.py            # the issue's shapes
     python benchmarks/bench_linear.py --small    # a quick run (N = 4096, d = 2048, V = 50257)
-    python benchmarks/bench_linear.py --sweep    # also time a few Triton launch configurations of fdpg
+    python benchmarks/bench_linear.py --sweep    # also time Triton launch configurations and chunked widths
     python benchmarks/bench_linear.py --cpu-smoke   # tiny sizes on CPU (torch backend): checks the script itself
     python -m pytest benchmarks/bench_linear.py  # pytest-benchmark functions (GPU only; skipped without CUDA)
 
@@ -44,17 +44,27 @@ def methods(backend: str, smoke: bool) -> dict:
     """name -> factory(h, W, hp, Wp, y) -> step() returning policy lp; None where a peer is not importable."""
     out = {}
 
-    def fdpg_method(fast):
+    def fdpg_method(fast, impl=None):
         def make(h, W, hp, Wp, y):
+            from fdpg.kernels import linear as K
+
             def step(g):
-                lp, _ = fdpg.paired_linear_token_logprobs(h, W, hp, Wp, y, backend=backend, fast=fast)
-                lp.backward(g)
+                old = K.CONFIG_OVERRIDE
+                K.CONFIG_OVERRIDE = {"impl": impl} if impl else old
+                try:
+                    lp, _ = fdpg.paired_linear_token_logprobs(h, W, hp, Wp, y, backend=backend, fast=fast)
+                    lp.backward(g)
+                finally:
+                    K.CONFIG_OVERRIDE = old
                 return lp
             return step
         return make
 
     out["fdpg exact"] = fdpg_method(False)
     out["fdpg fast"] = fdpg_method(True) if backend != "torch" else "n/a: the torch backend has no fast mode"
+    # the other implementation of the Triton backend: cuBLAS GEMMs into L2-sized fp32 chunks, Triton epilogues
+    out["fdpg exact, chunked"] = (fdpg_method(False, "chunked") if backend != "torch"
+                                  else "n/a: the torch backend has one implementation")
 
     def eager_method(compiled):
         def make(h, W, hp, Wp, y):
@@ -224,6 +234,7 @@ def sweep(N, d, V, dtype, device):
     cfgs = [dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=nw, num_stages=ns)
             for bn, bv, bd, nw, ns in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
                                        (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]]
+    cfgs += [dict(impl="chunked", cols=c) for c in (256, 512, 1024, 2048, 4096)]   # cuBLAS chunk widths
     print("\n| config | forward ms | fwd TFLOP/s | backward ms | bwd TFLOP/s |\n|---|---|---|---|---|")
     for cfg in cfgs:
         K.CONFIG_OVERRIDE = cfg

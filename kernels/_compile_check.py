@@ -338,6 +338,23 @@ def _cases_linear(K):
                 for eps in (0.0, 1e-5):
                     cases.append(dict(label=f"bwd {'fast(eps=1e-5)' if eps else 'exact'} {_DT[dt]} N={N} d={D} V={V} "
                                             f"bias grad_lse", run=bwd(N, D, V, dt, True, True, eps)))
+
+    def chunked(fn):                          # the "chunked" implementation: cuBLAS logits, Triton epilogues
+        def run():
+            old = K.CONFIG_OVERRIDE
+            K.CONFIG_OVERRIDE = dict(impl="chunked")
+            try:
+                fn()
+            finally:
+                K.CONFIG_OVERRIDE = old
+        return run
+
+    for N, D, V in shapes[:2]:
+        for bias in (False, True):
+            tag = f"bf16 N={N} d={D} V={V}{' bias grad_lse' if bias else ''}"
+            cases.append(dict(label=f"fwd chunked {tag}", run=chunked(fwd(N, D, V, BF16, bias)), primary=not bias))
+            cases.append(dict(label=f"bwd chunked exact {tag}", run=chunked(bwd(N, D, V, BF16, bias, bias, 0.0)),
+                              primary=not bias))
     return cases
 
 

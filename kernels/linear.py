@@ -18,6 +18,12 @@ Kernels and their launch wrappers (no autograd here; :mod:`fdpg.ops.linear` wrap
 - fast mode: the grad-logits kernel also flags each ``[BLOCK_N, BLOCK_V]`` tile that holds a target or a softmax
   entry ``>= eps`` in a row with a nonzero gradient (Cut Cross-Entropy's filter), writes only flagged tiles, and two
   block-sparse Triton matmuls (``_dh_kernel``, ``_dw_kernel``) skip the unflagged ones.
+- ``impl="chunked"`` (:data:`IMPL`, or ``CONFIG_OVERRIDE["impl"]``): the logits of ``cols`` vocabulary columns at a
+  time come from a cuBLAS GEMM with a float32 output (``torch.mm(..., out_dtype=torch.float32)``: the same fp32
+  products and accumulation as ``tl.dot``), and small Triton kernels fold each ``[N, cols]`` chunk into the
+  online logsumexp (``_chunk_fwd_kernel``) or turn it into the gradient of the logits (``_chunk_grad_kernel``,
+  exact mode). The chunk (``N * cols`` floats, sized to stay in L2) is the only buffer beyond the fused path's:
+  O(N), never ``N x V``. It trades the chunk's round trip through L2 for the library's GEMM rate.
 
 Under ``TRITON_INTERPRET=1`` (CPU) ``tl.dot`` on bf16 operands is wrong (triton issue 11584), so the ``DOT``
 constexpr upcasts dot operands to fp32 there; the bf16 dot path runs only on a GPU. No libdevice.
@@ -30,13 +36,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "config", "CHUNK_BYTES", "CONFIG_OVERRIDE", "POISON"]
+__all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "config", "CHUNK_BYTES", "CONFIG_OVERRIDE", "POISON",
+           "IMPL"]
 
 #: Upper bound on the backward's grad-logits buffer ``[N, chunk]`` in bytes (the only buffer that grows with V).
 CHUNK_BYTES = 512 * 2**20
 #: Tests and benchmarks may force launch parameters: keys of :func:`config`'s result (BLOCK_N, BLOCK_V, BLOCK_D,
-#: num_warps, num_stages, splits, chunk).
+#: num_warps, num_stages, splits, chunk, impl, cols).
 CONFIG_OVERRIDE: dict = {}
+#: How the logits are computed: "fused" (``tl.dot`` tiles inside the kernels, never in memory) or "chunked"
+#: (cuBLAS GEMMs of ``cols`` vocabulary columns at a time into an fp32 chunk; see the module docstring).
+IMPL = "fused"
+#: The "chunked" implementation keeps its ``[N, cols]`` float32 chunk at most this large (L2-sized).
+CHUNK_L2_BYTES = 32 * 2**20
 #: Tests set a float (e.g. NaN) to fill every buffer the kernels allocate, so an unwritten element shows.
 POISON: float | None = None
 
@@ -105,6 +117,21 @@ def config(N: int, V: int, D: int, dot_dtype: torch.dtype, device: torch.device,
         chunk = CHUNK_BYTES // max(1, N * mm_bytes)
     bv = cfg["BLOCK_V"]
     cfg["chunk"] = min(max(bv, chunk // bv * bv), n_vt * bv)   # a multiple of BLOCK_V, at most V rounded up
+    cfg["impl"] = CONFIG_OVERRIDE.get("impl", IMPL)
+    if cfg["impl"] not in ("fused", "chunked"):
+        raise ValueError(f"fdpg.kernels.linear impl: expected 'fused' or 'chunked', got {cfg['impl']!r}")
+    # the chunked GEMMs' width: the widest power of two (256..4096) whose [N, cols] fp32 chunk fits CHUNK_L2_BYTES
+    if "cols" in CONFIG_OVERRIDE:
+        cols = int(CONFIG_OVERRIDE["cols"])
+    else:
+        fit = CHUNK_L2_BYTES // max(1, 4 * N)
+        cols = max(256, min(4096, 1 << max(0, fit.bit_length() - 1)))
+    cfg["cols"] = max(1, min(cols, V))
+    # the chunked epilogues' tiles: few rows, wide columns ([16, 256]: 32 fp32 values a thread at 4 warps, 135-153
+    # registers on sm_90, no spills; [32, 256] spilled)
+    small = _interpreting() or device.type != "cuda"
+    cfg["CBLOCK_N"], cfg["CBLOCK_V"] = (cfg["BLOCK_N"], cfg["BLOCK_V"]) if small else (16, 256)
+    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in ("CBLOCK_N", "CBLOCK_V")})
     return cfg
 
 
@@ -173,6 +200,75 @@ def _fwd_kernel(H, W, B, Y, LP, LSE, MX, PM, PS, PZ,
         tl.store(MX + rows, m, mask=row_ok)
 
 
+@triton.jit
+def _chunk_fwd_kernel(Z, B, Y, M, S, ZT, N, cv, v0, stride_zn, inv_tau,
+                      HAS_BIAS: tl.constexpr, FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold the logits ``Z [N, cv]`` (float32, vocabulary columns ``v0 .. v0 + cv``) into each row's running max
+    ``M``, sum of exponentials ``S`` (relative to ``M``) and target logit ``ZT`` ("chunked" implementation)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    y = (tl.load(Y + rows, mask=row_ok, other=-1) - v0).to(tl.int32)      # int32 compares: registers
+    zrow = Z + rows * stride_zn
+    if FIRST:
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        m = tl.load(M + rows, mask=row_ok, other=0.0)
+        s = tl.load(S + rows, mask=row_ok, other=0.0)
+        zt = tl.load(ZT + rows, mask=row_ok, other=0.0)
+    for c in range(0, cv, BLOCK_V):
+        lcols = c + tl.arange(0, BLOCK_V)
+        ok = lcols < cv
+        z = tl.load(zrow[:, None] + lcols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
+        if HAS_BIAS:
+            z += tl.load(B + v0 + lcols, mask=ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(ok[None, :], z * inv_tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+        zt += tl.sum(tl.where((lcols[None, :] == y[:, None]) & ok[None, :], z, 0.0), 1)   # (a later chunk's y)
+    tl.store(M + rows, m, mask=row_ok)
+    tl.store(S + rows, s, mask=row_ok)
+    tl.store(ZT + rows, zt, mask=row_ok)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as float32 with float32 accumulation (``a [N, d]``, ``b [d, C]``, one dtype): cuBLAS with an fp32
+    output for half inputs where torch offers it, else the product of the upcast operands (exact, slower)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.device.type == "cuda" and not _MM_FALLBACK.get("mm_dtype"):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FALLBACK["mm_dtype"] = True
+    return torch.mm(a.float(), b.float())
+
+
+def _mm_operands(hidden: torch.Tensor, weight: torch.Tensor):
+    """hidden and weight in one matmul dtype (theirs when they agree, else float32)."""
+    dt = hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+    return hidden.to(dt), weight.to(dt)
+
+
+def _fwd_chunked(hidden, weight, bias, targets, temperature, cfg):
+    """:func:`linear_logprobs_fwd` by cuBLAS GEMMs of ``cfg["cols"]`` columns and :func:`_chunk_fwd_kernel`."""
+    N, V = hidden.shape[0], weight.shape[0]
+    m, s, zt = (_alloc((N,), torch.float32, hidden.device) for _ in range(3))
+    hm, wm = _mm_operands(hidden, weight)
+    C, BN = cfg["cols"], cfg["CBLOCK_N"]
+    for v0 in range(0, V, C):
+        cv = min(C, V - v0)
+        z = _mm_f32(hm, wm[v0:v0 + cv].t())
+        _chunk_fwd_kernel[(triton.cdiv(N, BN),)](
+            z, bias if bias is not None else z, targets, m, s, zt, N, cv, v0, z.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, FIRST=v0 == 0, BLOCK_N=BN, BLOCK_V=cfg["CBLOCK_V"], num_warps=4,
+            num_stages=1)
+    lse = m + torch.log(s)
+    return zt - lse, lse, m
+
+
 def _combine(pm: torch.Tensor, ps: torch.Tensor, pz: torch.Tensor):
     """Merge per-split partials ``[S, N]`` into ``(lp, lse, max)``; every split holds >= 1 real column."""
     mx = pm.amax(0)
@@ -204,6 +300,10 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     S = cfg["splits"]
     targets = targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    if cfg["impl"] == "chunked":
+        for out, val in zip((lp, lse, mx), _fwd_chunked(hidden, weight, bias, targets, temperature, cfg)):
+            out.copy_(val)
+        return lp, lse, mx
     if S > 1:
         pm, ps, pz = (_alloc((S, N), torch.float32, dev) for _ in range(3))
     else:
@@ -276,6 +376,35 @@ def _grad_logits_kernel(H, W, B, Y, LSE, GLP, GLSE, G, FLAG, DBP,
         tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=row_ok[:, None] & (lcols < cv_kept)[None, :])
     else:
         tl.store(g_ptrs, g.to(G.dtype.element_ty), mask=row_ok[:, None] & (lcols < cv)[None, :])
+
+
+@triton.jit
+def _chunk_grad_kernel(Z, B, Y, LSE, GLP, GLSE, G, DBP, N, cs, v0, g0, stride_zn, stride_gn, stride_db, inv_tau,
+                       HAS_BIAS: tl.constexpr, HAS_GLSE: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``G[:, g0 + j] = (g_lp [v0 + j == y] + (g_lse - g_lp) softmax_j) / tau`` for ``j < cs`` from the recomputed
+    logits ``Z [N, cs]`` (float32, cuBLAS; "chunked" implementation, exact mode), and the tile's column sums
+    (``grad_bias`` partials) at ``DBP[row block, g0 + j]``."""
+    pid_n = tl.program_id(0)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    lcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)                # int32: registers
+    col_ok = lcols < cs
+    ok = row_ok[:, None] & col_ok[None, :]
+    z = tl.load((Z + rows * stride_zn)[:, None] + lcols[None, :], mask=ok, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(B + v0 + lcols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    p = tl.where(ok, tl.exp(z * inv_tau - lse[:, None]), 0.0)
+    glp = tl.load(GLP + rows, mask=row_ok, other=0.0)
+    coef = -glp
+    if HAS_GLSE:
+        coef += tl.load(GLSE + rows, mask=row_ok, other=0.0)
+    y = (tl.load(Y + rows, mask=row_ok, other=-1) - v0).to(tl.int32)
+    g = (tl.where(lcols[None, :] == y[:, None], glp[:, None], 0.0) + coef[:, None] * p) * inv_tau
+    if WRITE_DBIAS:
+        tl.store(DBP + pid_n * stride_db + g0 + lcols, tl.sum(g, 0), mask=col_ok)
+    tl.store((G + rows * stride_gn + g0)[:, None] + lcols[None, :], g.to(G.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -386,12 +515,13 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()
     bias_c = bias.contiguous() if bias is not None else None
-    hm = hidden if hidden.dtype == mm_dtype else hidden.to(mm_dtype)
-    wm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
+    hm, wm = _mm_operands(hidden, weight)
 
+    chunked = cfg["impl"] == "chunked" and not fast          # the fast mode's filter lives in the fused kernel
+    CBN, CBV = cfg["CBLOCK_N"], cfg["CBLOCK_V"]
     G = _alloc((N, chunk), mm_dtype, dev)
     flags = _alloc((n_rb * triton.cdiv(chunk, BV),), torch.int32, dev) if fast else G
-    dbp = _alloc((n_rb, chunk), torch.float32, dev) if need_bias else G
+    dbp = _alloc((triton.cdiv(N, CBN) if chunked else n_rb, chunk), torch.float32, dev) if need_bias else G
     direct_h = need_hidden and n_chunks == 1 and not fast and hidden.dtype == mm_dtype
     gh32 = _alloc((N, D), torch.float32, dev) if need_hidden and not direct_h else None
     if need_weight:
@@ -402,14 +532,23 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     for c, v0 in enumerate(range(0, V, chunk)):
         cv = min(chunk, V - v0)
         n_vt = triton.cdiv(cv, BV)
-        _grad_logits_kernel[(n_rb * n_vt,)](
-            hidden, weight, bias_c if bias_c is not None else lse, targets, lse, grad_lp,
-            grad_lse if grad_lse is not None else grad_lp, G, flags, dbp,
-            N, V, D, v0, cv, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), G.stride(0),
-            chunk, 1.0 / temperature, float(filter_eps),
-            HAS_BIAS=bias is not None, HAS_GLSE=grad_lse is not None, FILTER=fast, WRITE_DBIAS=need_bias,
-            GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD, EVEN_D=D % BD == 0, DOT=DOT, PRECISION=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        for s0 in range(0, cv, cfg["cols"]) if chunked else ():
+            cs = min(cfg["cols"], cv - s0)
+            z = _mm_f32(hm, wm[v0 + s0:v0 + s0 + cs].t())
+            _chunk_grad_kernel[(triton.cdiv(N, CBN), triton.cdiv(cs, CBV))](
+                z, bias_c if bias_c is not None else lse, targets, lse, grad_lp,
+                grad_lse if grad_lse is not None else grad_lp, G, dbp, N, cs, v0 + s0, s0, z.stride(0), G.stride(0),
+                chunk, 1.0 / temperature, HAS_BIAS=bias is not None, HAS_GLSE=grad_lse is not None,
+                WRITE_DBIAS=need_bias, BLOCK_N=CBN, BLOCK_V=CBV, num_warps=4, num_stages=1)
+        if not chunked:
+            _grad_logits_kernel[(n_rb * n_vt,)](
+                hidden, weight, bias_c if bias_c is not None else lse, targets, lse, grad_lp,
+                grad_lse if grad_lse is not None else grad_lp, G, flags, dbp,
+                N, V, D, v0, cv, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                G.stride(0), chunk, 1.0 / temperature, float(filter_eps),
+                HAS_BIAS=bias is not None, HAS_GLSE=grad_lse is not None, FILTER=fast, WRITE_DBIAS=need_bias,
+                GROUP_N=8, BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD, EVEN_D=D % BD == 0, DOT=DOT, PRECISION=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if need_bias:
             gb[v0:v0 + cv] = dbp[:, :cv].sum(0)
         Gc = G[:, :cv]

@@ -65,7 +65,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("N,V,d,dtype,bias,tau,cfg", CASES)
+# the "chunked" implementation (cuBLAS GEMMs into fp32 chunks of `cols` columns; here torch's CPU matmul): several
+# chunks, a backward chunk of several GEMM chunks, a last chunk narrower than the rest, one column
+CHUNKED = [dict(impl="chunked", cols=16, BLOCK_N=16, BLOCK_V=16, chunk=48), dict(impl="chunked", cols=64),
+           dict(impl="chunked", cols=7, BLOCK_V=16, chunk=32), dict(impl="chunked"), dict(impl="chunked", cols=1)]
+
+
+@pytest.mark.parametrize("N,V,d,dtype,bias,tau,cfg", CASES + [c[:6] + (k,) for c, k in zip(CASES, CHUNKED)])
 def test_forward_and_gradients(N, V, d, dtype, bias, tau, cfg, gen, monkeypatch):
     monkeypatch.setattr(K, "CONFIG_OVERRIDE", cfg)
     h, w, b, y = make(gen, N, V, d, dtype, bias)
@@ -119,8 +125,9 @@ def test_strided_inputs_and_leading_dims(gen):
     close(gw.t(), want[1], 2e-6, "grad_weight")
 
 
-def test_paired(gen, monkeypatch):
-    monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(BLOCK_V=32, splits=2, chunk=64))
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_paired(gen, monkeypatch, impl):
+    monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(BLOCK_V=32, splits=2, chunk=64, impl=impl, cols=48))
     h, w, b, y = make(gen, 9, 100, 24, torch.float32, True)
     h2, w2, b2, _ = make(gen, 9, 100, 40, torch.bfloat16, True)
     h.requires_grad_(True)
@@ -204,6 +211,13 @@ def test_torch_backend_lse_and_max(gen):
         close(got, want, 2e-6, name)
 
 
+def test_unknown_implementation(gen, monkeypatch):
+    h, w, b, y = make(gen, 4, 37, 8, torch.float32, False)
+    monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(impl="cublas"))
+    with pytest.raises(ValueError, match="impl"):
+        L.linear_token_logprobs(h, w, y, backend="triton")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # numpy, on the NaN input
 def test_bad_inputs(gen, monkeypatch):
     h, w, b, y = make(gen, 4, 37, 8, torch.float32, True)
@@ -244,7 +258,8 @@ def test_opcheck_and_compile(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_dot_path_on_gpu(dtype, monkeypatch):
-    """The real bf16/fp16 tl.dot path (not upcast): forward, both modes' gradients, several backward chunks."""
+    """The real bf16/fp16 tl.dot path (not upcast), and the chunked one's cuBLAS GEMMs with an fp32 output:
+    forward, both modes' gradients, several backward chunks."""
     gen = torch.Generator().manual_seed(7)
     N, V, d = 300, 1000, 200
     h, w, b, y = make(gen, N, V, d, dtype, True, device="cuda")
@@ -252,7 +267,7 @@ def test_half_dot_path_on_gpu(dtype, monkeypatch):
     lp64, lse64, _, _ = ref64(h, w, b, y, 0.9)
     g_lp = torch.randn(N, generator=gen).cuda()
     want = grads64(h, w, b, y, 0.9, g_lp, torch.zeros(N, device="cuda"))
-    for cfg in ({}, dict(chunk=256, splits=3)):
+    for cfg in ({}, dict(chunk=256, splits=3), dict(impl="chunked"), dict(impl="chunked", chunk=256, cols=96)):
         monkeypatch.setattr(K, "CONFIG_OVERRIDE", cfg)
         for fast in (False, True):
             o = L.linear_token_logprobs(h, w, y, bias=b, temperature=0.9, return_lse=True, fast=fast)
