@@ -28,6 +28,7 @@ cheap ops recomputed), so that an on-policy step runs no second forward pass of 
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -40,8 +41,9 @@ __all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
 _BMM_MAX_LEN = 512          # CPU attention by batched GEMMs up to this many positions (the scores are [B, H, s, s])
 RECORD_MAX_BYTES = 2 << 30  # record a sampling pass for its replay only when that takes at most this much memory
 #: Where decoding steps fuse each residual add with the norm after it and its cast (kernels/norms.py, Triton):
-#: "cuda" (CUDA devices, the default), "always" (CPU tensors too: the tests, under TRITON_INTERPRET=1) or "off".
-FUSED_NORMS = "cuda"
+#: "cuda" (CUDA devices, the default), "always" (CPU tensors too: the tests, under TRITON_INTERPRET=1) or "off";
+#: the environment variable FDPG_FUSED_NORMS sets it at import (benchmarks compare with and without).
+FUSED_NORMS = os.environ.get("FDPG_FUSED_NORMS", "cuda")
 
 
 def _fused_norms(device: torch.device) -> bool:
@@ -51,7 +53,6 @@ def _fused_norms(device: torch.device) -> bool:
     if FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
         return False
     import importlib.util
-    import os
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ValueError(f"fdpg.decode.FUSED_NORMS = 'always': Triton runs on {device.type} tensors only under "

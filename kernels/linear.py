@@ -45,8 +45,9 @@ CHUNK_BYTES = 512 * 2**20
 #: num_warps, num_stages, splits, chunk, impl, cols).
 CONFIG_OVERRIDE: dict = {}
 #: How the logits are computed: "fused" (``tl.dot`` tiles inside the kernels, never in memory) or "chunked"
-#: (cuBLAS GEMMs of ``cols`` vocabulary columns at a time into an fp32 chunk; see the module docstring).
-IMPL = "fused"
+#: (cuBLAS GEMMs of ``cols`` vocabulary columns at a time into an fp32 chunk; see the module docstring). The
+#: environment variable FDPG_LINEAR_IMPL sets it at import.
+IMPL = os.environ.get("FDPG_LINEAR_IMPL", "fused")
 #: The "chunked" implementation keeps its ``[N, cols]`` float32 chunk at most this large (L2-sized).
 CHUNK_L2_BYTES = 32 * 2**20
 #: Tests set a float (e.g. NaN) to fill every buffer the kernels allocate, so an unwritten element shows.
