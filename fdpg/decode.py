@@ -46,11 +46,13 @@ RECORD_MAX_BYTES = 2 << 30  # record a sampling pass for its replay only when th
 FUSED_NORMS = os.environ.get("FDPG_FUSED_NORMS", "cuda")
 
 
-def _fused_norms(device: torch.device) -> bool:
-    """Whether decoding steps on ``device`` take :func:`fdpg.kernels.norms.add_norm` (see :data:`FUSED_NORMS`)."""
+def _fused_norms(device: torch.device, layout_ok: bool) -> bool:
+    """Whether decoding steps on ``device`` take :func:`fdpg.kernels.norms.add_norm` (see :data:`FUSED_NORMS`;
+    ``layout_ok``: the cache layout has steps that can, i.e. not the CPU slab)."""
     if FUSED_NORMS not in ("cuda", "always", "off"):
-        raise ValueError(f"fdpg.decode.FUSED_NORMS: expected 'cuda', 'always' or 'off', got {FUSED_NORMS!r}")
-    if FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
+        raise ValueError(f"fdpg.decode.FUSED_NORMS (or FDPG_FUSED_NORMS): expected 'cuda', 'always' or 'off', "
+                         f"got {FUSED_NORMS!r}")
+    if not layout_ok or FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
         return False
     import importlib.util
 
@@ -441,7 +443,7 @@ class _FastDecoder(Decoder):
         self.slab = self.want_slab and not torch.is_autocast_enabled(self.dev.type)
         self.recording = (self.record and self.slab and not self.cast and bool(self._recorded_gemms())
                           and self._record_bytes() <= RECORD_MAX_BYTES)
-        self.fuse_norms = not self.slab and _fused_norms(self.dev)
+        self.fuse_norms = _fused_norms(self.dev, not self.slab)
         self.P, self._versions = P, None
         self._graph = None          # a captured step reads this pass's tables (positions, mask): capture anew
         if self.slab and self.kv is None:
