@@ -497,10 +497,10 @@ def test_cuda_graph_steps_equal_eager_steps(name, amp):
     runs = []
     for kw in (dict(), dict(static=True, cuda_graph=True)):
         dec = decoder(model, B, P + T, **kw)
-        for rows in (ids, ids.flip(0)):                # two passes of one decoder: the second captures anew
+        for rows, m in ((ids, mask), (ids.flip(0), mask.flip(0))):   # two passes of one decoder: captured anew
             with torch.no_grad():
                 with ctx():
-                    out = [dec.prefill(rows, mask).clone()]
+                    out = [dec.prefill(rows, m).clone()]
                 for t in range(T):
                     with ctx():
                         out.append(dec.step(toks[:, t]).clone())
