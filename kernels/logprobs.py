@@ -151,6 +151,16 @@ def _load_pair(z_ptr, zoff, zp_ptr, zpoff, msk, PAIR: tl.constexpr):
 
 
 @triton.jit
+def _row_base(row, lead, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
+    """The offset of a row's first main-loop column (``row + lead``: ``row`` the row's start, one value in a
+    ``[1]`` block), hinted a multiple of ``ALIGN`` where the launch found it one (the row path's tensors)."""
+    b = tl.max(row, 0) + lead
+    if ALIGNED:
+        b = tl.multiple_of(b, ALIGN)
+    return b
+
+
+@triton.jit
 def _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr):
     """One tile ``x [ROWS, BLOCK_V]`` (and the prior's ``xp``) into the rows' online accumulators (module doc)."""
     NEG_INF: tl.constexpr = float("-inf")
@@ -210,7 +220,6 @@ def _token_stats_fwd_kernel(
         # One row (ROWS == 1), columns contiguous: the columns before the row's first 16-byte-aligned one, then
         # full tiles from there with no mask (so that the loads are 16-byte vectors whatever V is), then the rest.
         zr = tl.max(zrow, 0)
-        zpr = tl.max(zprow, 0)
         lead = (ALIGN - zr % ALIGN) % ALIGN
         nfull = tl.maximum(V - lead, 0) // BLOCK_V
         if lead > 0:                                   # fewer than ALIGN <= 16 columns: a 16-wide tile
@@ -220,10 +229,8 @@ def _token_stats_fwd_kernel(
                                HAS_PRIOR)
             m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
         tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
-        base = tl.multiple_of(zr + lead, ALIGN)
-        pbase = zpr + lead
-        if PRIOR_ALIGNED:
-            pbase = tl.multiple_of(pbase, ALIGN)
+        base = _row_base(zrow, lead, ALIGN, True)
+        pbase = _row_base(zprow, lead, ALIGN, PRIOR_ALIGNED)
         for t in range(0, nfull):
             x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :] * inv_tau
             xp = x
@@ -328,13 +335,9 @@ def _token_stats_bwd_kernel(
             dx = _bwd_tile(x, xp, hcols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
             tl.store(g_ptr + grow[:, None] + hcols[None, :], dx.to(g_ptr.dtype.element_ty), mask=msk)
         tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
-        base = tl.multiple_of(zr + lead, ALIGN)
-        pbase = tl.max(zprow, 0) + lead
-        if PRIOR_ALIGNED:
-            pbase = tl.multiple_of(pbase, ALIGN)
-        gbase = tl.max(grow, 0) + lead
-        if OUT_ALIGNED:
-            gbase = tl.multiple_of(gbase, ALIGN)
+        base = _row_base(zrow, lead, ALIGN, True)
+        pbase = _row_base(zprow, lead, ALIGN, PRIOR_ALIGNED)
+        gbase = _row_base(grow, lead, ALIGN, OUT_ALIGNED)
         for t in range(0, nfull):
             x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :]
             xp = x
