@@ -166,8 +166,9 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     def ptr(t):
         return None if t is None else t.data_ptr()
 
-    ptrs = [dec.wte, dec.pe, dec.kv, dec.final_norm.weight, dec.final_norm.bias, dec.head_w, dec.head_b, valid, u, logits,
-            tokens, lps, rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
+    ln_f = dec.final_norm
+    ptrs = [dec.wte, dec.pe, dec.kv, ln_f.weight, ln_f.bias, dec.head_w, dec.head_b, valid, u, logits, tokens, lps,
+            rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
     ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]
     for ln1, c_attn, c_proj, ln2, c_fc, _, m_proj in dec.blocks:

@@ -576,8 +576,18 @@ class _FastDecoder(Decoder):
     def _start(self):
         pass
 
-    # ---- a layer as its family describes it: _norm(x, module), _norms(i) -> (before attention, before the MLP),
-    # self.final_norm, _proj(i, a) (attention output projection), _ffn(i, h) (the MLP of normed h), _RMS --------
+    # ---- a layer as its family describes it: _RMS (RMSNorm, else LayerNorm), _NORMS (positions in a block of the
+    # norms before attention and before the MLP), self.final_norm, _proj(i, a) (attention output projection),
+    # _ffn(i, h) (the MLP of normed h) -------------------------------------------------------------------------
+
+    _RMS = False
+    _NORMS: tuple = ()
+
+    def _norm(self, x, norm):
+        return _rms(x, norm) if self._RMS else _ln(x, norm)
+
+    def _norms(self, i):
+        return tuple(self.blocks[i][j] for j in self._NORMS)
 
     def _norm1(self, i, x):
         return self._norm(x, self._norms(i)[0])
@@ -783,14 +793,7 @@ class _GPT2(_FastDecoder):
             return (F.embedding(ids, self.wte) + self.pe[:, :ids.shape[1]]).view(-1, self.d)
         return F.embedding(ids, self.wte) + self._slot(self.pe)
 
-    _RMS = False
-
-    @staticmethod
-    def _norm(x, ln):
-        return _ln(x, ln)
-
-    def _norms(self, i):
-        return self.blocks[i][0], self.blocks[i][3]
+    _NORMS = (0, 3)
 
     def _qkv(self, i, h, s):
         c_attn = self.blocks[i][1]
@@ -895,14 +898,7 @@ class _Llama(_FastDecoder):
     def _embed(self, ids):
         return F.embedding(ids, self.emb).view(-1, self.d)
 
-    _RMS = True
-
-    @staticmethod
-    def _norm(x, norm):
-        return _rms(x, norm)
-
-    def _norms(self, i):
-        return self.blocks[i][0], self.blocks[i][5]
+    _RMS, _NORMS = True, (0, 5)
 
     def _rope(self, s):
         """cos, sin (signed: see :func:`_rotary`) ``[B, s, 1, hd]`` of the positions being computed (a step's
