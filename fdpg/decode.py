@@ -847,15 +847,18 @@ def _rms(x, norm):
     return norm.weight * x32.to(dt)
 
 
-def _rotary(x, cos, sin, inplace: bool):
-    """RoPE, ``x * cos + rotate_half(x) * sin`` with ``sin`` carrying rotate_half's sign (``rotate_half(x) =
-    roll(x, hd/2) * sign``): three kernels, not seven. A new tensor in the type promotion of ``x`` and ``cos``
-    (float32 under autocast, as the model's), or, ``inplace`` (no autograd), written back into ``x``: rounded to
-    its dtype as SDPA under autocast would round it (the cache then holds what attention reads), and the k and v
-    of a fused QKV GEMM left side by side for the cache."""
-    r = torch.roll(x, x.shape[-1] // 2, -1)
+def _rotary(x, cos, sin, inplace: bool, dim: int = -1):
+    """RoPE over dimension ``dim`` (the head's), ``x * cos + rotate_half(x) * sin`` with ``sin`` carrying
+    rotate_half's sign (``rotate_half(x) = roll(x, hd/2) * sign``): three kernels, not seven. A new tensor in the
+    type promotion of ``x`` and ``cos`` (float32 under autocast, as the model's), or, ``inplace`` (no autograd),
+    written back into ``x``: rounded to its dtype as SDPA under autocast would round it (the cache then holds what
+    attention reads), and the k and v of a fused QKV GEMM left side by side for the cache; where ``x`` holds the
+    promoted dtype already, computed in place without a temporary."""
+    r = torch.roll(x, x.shape[dim] // 2, dim)
     if not inplace:
         return torch.addcmul(x * cos, r, sin)
+    if torch.result_type(x, cos) == x.dtype:
+        return x.mul_(cos).addcmul_(r, sin)
     return x.copy_((x * cos).addcmul_(r, sin))
 
 
@@ -934,9 +937,7 @@ class _Llama(_FastDecoder):
         if self.recording:                                          # q and k before RoPE
             self._keep("q", i, slot[:D].t())
             self._keep("k", i, slot[D:D + Dkv].t())
-        qk = slot[:D + Dkv].view(-1, hd, self.B)                  # q's and k's heads together
-        r = torch.roll(qk, hd // 2, 1)
-        qk.mul_(cos).addcmul_(r, sin)
+        _rotary(slot[:D + Dkv].view(-1, hd, self.B), cos, sin, True, dim=1)   # q's and k's heads together
 
     def _proj(self, i, a):
         return self._linear("o", i, self.blocks[i][4], a)
