@@ -170,15 +170,6 @@ def use_fused_output(model, choice: str = "auto", logits_rows: int | None = None
     return need > torch.cuda.get_device_properties(device).total_memory // 4
 
 
-def _autocast_cast(*ts):
-    """Under autocast, the tensors in the autocast dtype (as ``F.linear`` would take them); else unchanged."""
-    dev = next(t.device.type for t in ts if t is not None)
-    if not torch.is_autocast_enabled(dev):
-        return ts
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(None if t is None or not t.is_floating_point() else t.to(dt) for t in ts)
-
-
 @dataclass
 class ModelInputs:
     """One forward pass over ``[context | continuation]``: ids ``[B, P+T]``, attention_mask ``[B, P+T]`` or None
@@ -213,6 +204,19 @@ def _hidden(model, inp: ModelInputs, stop: int | None = None) -> torch.Tensor:
     return hidden_states(model, ids, mask)
 
 
+def _output_operands(model, inp: ModelInputs, sl: slice):
+    """``(hidden [B, len(sl), d], weight [V, d], bias [V] or None)``: the output layer's input at positions ``sl``
+    and its parameters, for the fused op. Under autocast all three in the autocast dtype, as ``F.linear`` would
+    take them (a float32 master weight would otherwise send the fused op down its float32 matmul path)."""
+    head = model.get_output_embeddings()
+    ts = (_hidden(model, inp, sl.stop)[:, sl], head.weight, head.bias)
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dt) for t in ts)
+
+
 def _logits(model, inp: ModelInputs, sl: slice = slice(None)) -> torch.Tensor:
     """The logits ``[B, len(sl), V]`` at positions ``sl`` (the output layer on those positions only)."""
     head = model.get_output_embeddings()
@@ -232,17 +236,11 @@ def score_tokens(policy, prior, inp: ModelInputs, tokens: torch.Tensor, *, fused
     sl = slice(P - 1, P + T - 1)  # the logits at position i predict token i + 1
     grad_ctx = torch.enable_grad() if policy_grad else torch.no_grad()
     if fused:
-        # under autocast the output layer's operands are cast as F.linear would cast them (a float32 master
-        # weight would otherwise send the fused op down its float32 matmul path)
         with grad_ctx:
-            h_pi = _hidden(policy, inp, sl.stop)[:, sl]
-            w_pi = policy.get_output_embeddings()
-            h_pi, wt_pi, b_pi = _autocast_cast(h_pi, w_pi.weight, w_pi.bias)
+            h_pi, wt_pi, b_pi = _output_operands(policy, inp, sl)
         if with_prior:
             with torch.inference_mode():
-                h_a = _hidden(prior, inp, sl.stop)[:, sl]
-                w_a = prior.get_output_embeddings()
-                h_a, wt_a, b_a = _autocast_cast(h_a, w_a.weight, w_a.bias)
+                h_a, wt_a, b_a = _output_operands(prior, inp, sl)
             with grad_ctx:
                 return fdpg.paired_linear_token_logprobs(h_pi, wt_pi, h_a, wt_a, tokens, policy_bias=b_pi,
                                                          prior_bias=b_a, validate=False)

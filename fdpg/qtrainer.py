@@ -38,7 +38,7 @@ import torch
 import fdpg
 from . import qlearning as Q
 from .config import Q_ALGORITHMS, Config, ConfigError
-from .models import _autocast_cast, _hidden, _logits, model_inputs
+from .models import _logits, _output_operands, model_inputs
 from .sampling import Samples
 from .targets import SeqBatch
 from .trainer import Trainer, _fmt
@@ -145,10 +145,9 @@ class QTrainer(Trainer):
     def _paired(self, inp, tokens: torch.Tensor, sl: slice, kl: bool):
         """``(policy_lp, policy_lse, prior_lp, kl or None)`` ``[B, T]`` float32: policy fields with grad."""
         if self.fused and not kl:
-            w_pi, w_a = self.policy.get_output_embeddings(), self.prior.get_output_embeddings()
-            h_pi, wt_pi, b_pi = _autocast_cast(_hidden(self.policy, inp, sl.stop)[:, sl], w_pi.weight, w_pi.bias)
+            h_pi, wt_pi, b_pi = _output_operands(self.policy, inp, sl)
             with torch.inference_mode():
-                h_a, wt_a, b_a = _autocast_cast(_hidden(self.prior, inp, sl.stop)[:, sl], w_a.weight, w_a.bias)
+                h_a, wt_a, b_a = _output_operands(self.prior, inp, sl)
             o = fdpg.paired_linear_token_logprobs(h_pi, wt_pi, h_a, wt_a, tokens, policy_bias=b_pi, prior_bias=b_a,
                                                   validate=False, return_lse=True)
             return o.policy_lp, o.policy_lse, o.prior_lp, None
@@ -172,8 +171,7 @@ class QTrainer(Trainer):
             for _ in range(passes):
                 with self._amp():
                     if self.fused:
-                        w = net.get_output_embeddings()
-                        h, wt, b = _autocast_cast(_hidden(net, inp, sl.stop)[:, sl], w.weight, w.bias)
+                        h, wt, b = _output_operands(net, inp, sl)
                         o = fdpg.linear_token_logprobs(h, wt, tokens, bias=b, validate=False, return_lse=True)
                         v = o.lse if self.psi else o.max
                     else:
