@@ -326,6 +326,23 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 # ---- backward ------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _logits_grad(z, ok, is_t, rows, row_ok, LSE, GLP, GLSE, inv_tau, HAS_GLSE: tl.constexpr):
+    """``(g, p, live)`` of a tile of logits ``z`` (before ``1/tau``) of rows ``rows``: ``p = softmax`` from the rows'
+    saved lse (0 where not ``ok``), ``g = (g_lp [is_t] + (g_lse - g_lp) p) / tau`` (the gradient of the logits),
+    ``live`` the rows whose upstream gradient is not 0 (the fast mode's filter)."""
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    p = tl.where(ok, tl.exp(z * inv_tau - lse[:, None]), 0.0)
+    glp = tl.load(GLP + rows, mask=row_ok, other=0.0)
+    coef = -glp
+    live = glp != 0
+    if HAS_GLSE:
+        glse = tl.load(GLSE + rows, mask=row_ok, other=0.0)
+        coef += glse
+        live = live | (glse != 0)
+    return (tl.where(is_t, glp[:, None], 0.0) + coef[:, None] * p) * inv_tau, p, live
+
+
+@triton.jit
 def _grad_logits_kernel(H, W, B, Y, LSE, GLP, GLSE, G, FLAG, DBP,
                         N, V, D, v0, cv, stride_hn, stride_hd, stride_wv, stride_wd, stride_gn, stride_db,
                         inv_tau, eps,
@@ -352,20 +369,10 @@ def _grad_logits_kernel(H, W, B, Y, LSE, GLP, GLSE, G, FLAG, DBP,
                        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     ok = row_ok[:, None] & col_ok[None, :]
-    p = tl.where(ok, tl.exp(acc * inv_tau - lse[:, None]), 0.0)
-    glp = tl.load(GLP + rows, mask=row_ok, other=0.0)
-    if HAS_GLSE:
-        glse = tl.load(GLSE + rows, mask=row_ok, other=0.0)
-        coef = glse - glp
-        live = (glp != 0) | (glse != 0)
-    else:
-        coef = -glp
-        live = glp != 0
     y = tl.load(Y + rows, mask=row_ok, other=-1).to(tl.int64)
     is_t = cols[None, :] == y[:, None]
-    g = (tl.where(is_t, glp[:, None], 0.0) + coef[:, None] * p) * inv_tau
+    g, p, live = _logits_grad(acc, ok, is_t, rows, row_ok, LSE, GLP, GLSE, inv_tau, HAS_GLSE)
     if WRITE_DBIAS:
         tl.store(DBP + pid_n * stride_db + lcols, tl.sum(g, 0), mask=lcols < cv)
     g_ptrs = G + rows[:, None] * stride_gn + lcols[None, :]
@@ -395,14 +402,8 @@ def _chunk_grad_kernel(Z, B, Y, LSE, GLP, GLSE, G, DBP, N, cs, v0, g0, stride_zn
     z = tl.load((Z + rows * stride_zn)[:, None] + lcols[None, :], mask=ok, other=0.0)
     if HAS_BIAS:
         z += tl.load(B + v0 + lcols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    p = tl.where(ok, tl.exp(z * inv_tau - lse[:, None]), 0.0)
-    glp = tl.load(GLP + rows, mask=row_ok, other=0.0)
-    coef = -glp
-    if HAS_GLSE:
-        coef += tl.load(GLSE + rows, mask=row_ok, other=0.0)
     y = (tl.load(Y + rows, mask=row_ok, other=-1) - v0).to(tl.int32)
-    g = (tl.where(lcols[None, :] == y[:, None], glp[:, None], 0.0) + coef[:, None] * p) * inv_tau
+    g, _, _ = _logits_grad(z, ok, lcols[None, :] == y[:, None], rows, row_ok, LSE, GLP, GLSE, inv_tau, HAS_GLSE)
     if WRITE_DBIAS:
         tl.store(DBP + pid_n * stride_db + g0 + lcols, tl.sum(g, 0), mask=col_ok)
     tl.store((G + rows * stride_gn + g0)[:, None] + lcols[None, :], g.to(G.dtype.element_ty), mask=ok)
