@@ -253,10 +253,11 @@ def _mm_operands(hidden: torch.Tensor, weight: torch.Tensor):
     return hidden.to(dt), weight.to(dt)
 
 
-def _fwd_chunked(hidden, weight, bias, targets, temperature, cfg):
-    """:func:`linear_logprobs_fwd` by cuBLAS GEMMs of ``cfg["cols"]`` columns and :func:`_chunk_fwd_kernel`."""
+def _fwd_chunked(hidden, weight, bias, targets, temperature, cfg, lp, lse, m):
+    """:func:`linear_logprobs_fwd` into ``lp, lse, m`` (``[N]`` float32 each; ``m`` is the running max) by cuBLAS
+    GEMMs of ``cfg["cols"]`` columns and :func:`_chunk_fwd_kernel`."""
     N, V = hidden.shape[0], weight.shape[0]
-    m, s, zt = (_alloc((N,), torch.float32, hidden.device) for _ in range(3))
+    s, zt = (_alloc((N,), torch.float32, hidden.device) for _ in range(2))
     hm, wm = _mm_operands(hidden, weight)
     C, BN = cfg["cols"], cfg["CBLOCK_N"]
     for v0 in range(0, V, C):
@@ -266,8 +267,8 @@ def _fwd_chunked(hidden, weight, bias, targets, temperature, cfg):
             z, bias if bias is not None else z, targets, m, s, zt, N, cv, v0, z.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, FIRST=v0 == 0, BLOCK_N=BN, BLOCK_V=cfg["CBLOCK_V"], num_warps=4,
             num_stages=1)
-    lse = m + torch.log(s)
-    return zt - lse, lse, m
+    torch.add(m, torch.log(s), out=lse)
+    torch.sub(zt, lse, out=lp)
 
 
 def _combine(pm: torch.Tensor, ps: torch.Tensor, pz: torch.Tensor):
@@ -302,8 +303,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     targets = targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if cfg["impl"] == "chunked":
-        for out, val in zip((lp, lse, mx), _fwd_chunked(hidden, weight, bias, targets, temperature, cfg)):
-            out.copy_(val)
+        _fwd_chunked(hidden, weight, bias, targets, temperature, cfg, lp, lse, mx)
         return lp, lse, mx
     if S > 1:
         pm, ps, pz = (_alloc((S, N), torch.float32, dev) for _ in range(3))
