@@ -60,6 +60,25 @@ def hf_logits(model, ids, mask):
                  use_cache=False).logits
 
 
+def forward_logits(model, ids, mask, toks):
+    """The model's logits ``[B, T + 1, V]`` where a decoder gives them: after the contexts ``ids`` (``mask``), and
+    after each token of ``toks [B, T]`` (one full forward pass)."""
+    full_mask = None if mask is None else torch.cat([mask, torch.ones_like(toks, dtype=torch.bool)], 1)
+    return hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, ids.shape[1] - 1:]
+
+
+def decoded(dec, ids, mask, toks, ctx=contextlib.nullcontext):
+    """The decoder's logits ``[B, T + 1, V]``: its prefill of the contexts, then a step per token of ``toks``, each
+    call inside ``ctx()``, without autograd (copies: a CUDA graph's steps return one buffer)."""
+    with torch.no_grad():
+        with ctx():
+            out = [dec.prefill(ids, mask).clone()]
+        for t in range(toks.shape[1]):
+            with ctx():
+                out.append(dec.step(toks[:, t]).clone())
+    return torch.stack(out, 1)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])
 def test_hidden_states_and_grads_equal_the_models_forward(name, attention):
@@ -218,11 +237,9 @@ def test_step_logits_equal_a_full_forward(name, ctx, mode):
     dec = decoder(model, B, P + T, **mode)
     assert dec.fast
     toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5))
+    got = decoded(dec, ids, mask, toks)
     with torch.no_grad():
-        got = [dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)]
-        full_mask = None if mask is None else torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1)
-        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
-    got = torch.stack(got, 1)
+        want = forward_logits(model, ids, mask, toks)
     assert got.dtype == torch.float32 and got.shape == (B, T + 1, V)
     assert want.abs().max() > 1                                   # peaky enough that a wrong mask would show
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
@@ -321,13 +338,12 @@ def test_autocast_bf16(name):
     ids, mask = contexts("padded", B)
     P = ids.shape[1]
     toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        dec = decoder(model, B, P + T)
-        got = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1)
-        full_mask = torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1)
-        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    got = decoded(decoder(model, B, P + T), ids, mask, toks, amp)
     with torch.no_grad():
-        ref = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:]
+        with amp():
+            want = forward_logits(model, ids, mask, toks)
+        ref = forward_logits(model, ids, mask, toks)
     assert got.dtype == want.dtype == torch.bfloat16
     err, bf16_err = (got.float() - want.float()).abs().max(), (want.float() - ref).abs().max()
     assert 0 < bf16_err < 0.1 * ref.abs().max() and err <= 2 * bf16_err, (err, bf16_err)
@@ -351,12 +367,11 @@ def test_static_cast_steps_under_autocast(name):
         if static:
             dec.cast_gemm_weights(torch.bfloat16)
             assert dec.k is None and (dec.fused is None) == (name == "gpt2")
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-            runs.append(torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1).float())
+        runs.append(decoded(dec, ids, mask, toks,
+                            lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)).float())
         assert dec.k.dtype == torch.bfloat16                     # the cache holds what attention reads
     with torch.no_grad():
-        ref = hf_logits(model, torch.cat([ids, toks], 1), torch.cat([mask, torch.ones(B, T, dtype=torch.bool)], 1))
-    ref = ref[:, P - 1:]
+        ref = forward_logits(model, ids, mask, toks)
     bf16_err = (runs[0] - ref).abs().max()
     assert 0 < bf16_err < 0.1 * ref.abs().max()
     assert (runs[1] - ref).abs().max() <= 1.5 * bf16_err
@@ -415,18 +430,17 @@ def test_fused_norm_steps(name, mode, monkeypatch):
     dev = ids.device.type
     P = ids.shape[1]
     toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5)).to(ids.device)
-    full_mask = torch.cat([mask, torch.ones_like(toks, dtype=torch.bool)], 1)
     with torch.no_grad():
-        want = hf_logits(model, torch.cat([ids, toks], 1), full_mask)[:, P - 1:].float()
+        want = forward_logits(model, ids, mask, toks).float()
 
     def run(fused, amp):
         monkeypatch.setattr(D, "FUSED_NORMS", "always" if fused else "off")
         dec = decoder(model, B, P + T, attention="sdpa", **mode)
-        ctx = torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False) if amp else contextlib.nullcontext()
+        ctx = contextlib.nullcontext
         if amp:
             dec.cast_gemm_weights(torch.bfloat16)
-        with torch.no_grad(), ctx:
-            out = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(T)], 1).float()
+            ctx = lambda: torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+        out = decoded(dec, ids, mask, toks, ctx).float()
         assert dec.fuse_norms == fused
         return out
 
@@ -451,10 +465,9 @@ def test_bf16_weights():
     ids, mask = contexts("padded", 6)
     toks = torch.randint(1, V, (6, 3), generator=torch.Generator().manual_seed(5))
     dec = decoder(model, 6, ids.shape[1] + 3)
+    got = decoded(dec, ids, mask, toks).float()
     with torch.no_grad():
-        got = torch.stack([dec.prefill(ids, mask)] + [dec.step(toks[:, t]) for t in range(3)], 1).float()
-        want = hf_logits(model, torch.cat([ids, toks], 1), torch.cat([mask, torch.ones_like(toks, dtype=torch.bool)],
-                                                                      1))[:, ids.shape[1] - 1:].float()
+        want = forward_logits(model, ids, mask, toks).float()
     assert not dec.slab and dec.k.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
 
@@ -498,13 +511,7 @@ def test_cuda_graph_steps_equal_eager_steps(name, amp):
     for kw in (dict(), dict(static=True, cuda_graph=True)):
         dec = decoder(model, B, P + T, **kw)
         for rows, m in ((ids, mask), (ids.flip(0), mask.flip(0))):   # two passes of one decoder: captured anew
-            with torch.no_grad():
-                with ctx():
-                    out = [dec.prefill(rows, m).clone()]
-                for t in range(T):
-                    with ctx():
-                        out.append(dec.step(toks[:, t]).clone())
-            runs.append(torch.stack(out, 1).float())
+            runs.append(decoded(dec, rows, m, toks, ctx).float())
     assert dec._graph is not None and dec.cuda_graph                  # captured, not fallen back
     tol = 3e-2 * runs[0].abs().max().item() if amp else 2e-5
     torch.testing.assert_close(runs[2], runs[0], atol=tol, rtol=0)
