@@ -140,13 +140,19 @@ def overlapping(x: torch.Tensor) -> bool:
 
 @triton.jit
 def _load_pair(z_ptr, zoff, zp_ptr, zpoff, msk, PAIR: tl.constexpr):
-    """A masked tile of logits as float32 at offsets ``zoff`` (-inf where masked), and the prior's at ``zpoff``
-    when ``PAIR`` (else the same tile again)."""
+    """A tile of logits as float32 at offsets ``zoff`` (-inf where ``msk`` is False; ``msk`` None: no mask, the row
+    path's full tiles), and the prior's at ``zpoff`` when ``PAIR`` (else the same tile again)."""
     NEG_INF: tl.constexpr = float("-inf")
-    x = tl.load(z_ptr + zoff, mask=msk, other=NEG_INF).to(tl.float32)
+    if msk is None:
+        x = tl.load(z_ptr + zoff).to(tl.float32)
+    else:
+        x = tl.load(z_ptr + zoff, mask=msk, other=NEG_INF).to(tl.float32)
     xp = x
     if PAIR:
-        xp = tl.load(zp_ptr + zpoff, mask=msk, other=NEG_INF).to(tl.float32)
+        if msk is None:
+            xp = tl.load(zp_ptr + zpoff).to(tl.float32)
+        else:
+            xp = tl.load(zp_ptr + zpoff, mask=msk, other=NEG_INF).to(tl.float32)
     return x, xp
 
 
@@ -232,11 +238,10 @@ def _token_stats_fwd_kernel(
         base = _row_base(zrow, lead, ALIGN, True)
         pbase = _row_base(zprow, lead, ALIGN, PRIOR_ALIGNED)
         for t in range(0, nfull):
-            x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :] * inv_tau
-            xp = x
-            if HAS_PRIOR:
-                xp = tl.load(zp_ptr + pbase + t * BLOCK_V + cols0).to(tl.float32)[None, :] * inv_tau
-            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            off = t * BLOCK_V + cols0
+            x, xp = _load_pair(z_ptr, base + off, zp_ptr, pbase + off, None, HAS_PRIOR)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x[None, :] * inv_tau, xp[None, :] * inv_tau, m, S, Bs, pm, PS, Cs,
+                                               HAS_PRIOR, ENTROPY, KL)
         c1 = lead + nfull * BLOCK_V
         if c1 < V:
             cols = c1 + cols0
@@ -339,13 +344,10 @@ def _token_stats_bwd_kernel(
         pbase = _row_base(zprow, lead, ALIGN, PRIOR_ALIGNED)
         gbase = _row_base(grow, lead, ALIGN, OUT_ALIGNED)
         for t in range(0, nfull):
-            x = tl.load(z_ptr + base + t * BLOCK_V + cols0).to(tl.float32)[None, :]
-            xp = x
-            if HAS_GKL:
-                xp = tl.load(zp_ptr + pbase + t * BLOCK_V + cols0).to(tl.float32)[None, :]
-            dx = _bwd_tile(x, xp, lead + t * BLOCK_V + cols0, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT,
-                           HAS_GKL)
-            tl.store(g_ptr + gbase + t * BLOCK_V + cols0, tl.reshape(dx, [BLOCK_V]).to(g_ptr.dtype.element_ty))
+            off = t * BLOCK_V + cols0
+            x, xp = _load_pair(z_ptr, base + off, zp_ptr, pbase + off, None, HAS_GKL)
+            dx = _bwd_tile(x[None, :], xp[None, :], lead + off, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT, HAS_GKL)
+            tl.store(g_ptr + gbase + off, tl.reshape(dx, [BLOCK_V]).to(g_ptr.dtype.element_ty))
         c1 = lead + nfull * BLOCK_V
         if c1 < V:
             cols = c1 + cols0
