@@ -4,7 +4,9 @@
  * GEMMs go to the BLAS inside torch (MKL's sgemm_/dgemm_, passed in as a function pointer); everything else is
  * here. The batch is split into one block of rows per thread and each thread runs its rows through the whole pass
  * (each sequence decodes independently): no synchronisation (the stop checks count rows, no thread waits for
- * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). Per step and row: token +
+ * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). The threads are OpenMP's:
+ * linked against the libgomp that torch has loaded, its own thread pool (a thread of our own would compete for a
+ * core with torch's idle OpenMP workers, which spin for a while after each parallel op). Per step and row: token +
  * position embedding, per layer LayerNorm, the QKV projection written into the slab slot, single-query attention
  * over the filled slots, the output projection, residual, LayerNorm, MLP, residual; the final norm, the output
  * layer, and the draw (softmax in float32, inverse CDF in float64 with the uniform given for that row and step,
@@ -20,8 +22,7 @@
  *   u           [max_length, B] float64 uniforms; tokens_out [B, max_length] int64; lp_out [B, max_length] float32
  */
 #include <math.h>
-#include <pthread.h>
-#include <sched.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,7 +52,6 @@ typedef struct {
     threads_fn set_threads;
     int *counts;               /* [max_length]: rows done at each stop check, summed over threads */
     int *arrived;              /* [max_length]: threads that have added their rows to counts[t] */
-    int go;                    /* set once the rows are split among the threads that started */
 } Ctx;
 
 typedef struct {
@@ -396,12 +396,6 @@ static void *run_rows(void *arg) {
     return NULL;
 }
 
-static void *helper(void *arg) {
-    Work *wk = (Work *)arg;
-    while (!__atomic_load_n(&wk->c->go, __ATOMIC_ACQUIRE)) sched_yield();
-    return run_rows(wk);
-}
-
 /* The whole sampling pass after the prefill. Returns the number of tokens drawn per row (>= 1), -1 when memory
  * ran out. */
 int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
@@ -415,31 +409,30 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
     c.set_threads = (threads_fn)ptr[P_THREADS];
     if (c.nthreads > c.B) c.nthreads = c.B;
     if (c.nthreads < 1) c.nthreads = 1;
-    int64_t nt = c.nthreads;
-    Work *wk = calloc((size_t)nt, sizeof(Work));
-    pthread_t *th = calloc((size_t)nt, sizeof(pthread_t));
+    Work *wk = calloc((size_t)c.nthreads, sizeof(Work));
     c.counts = calloc((size_t)c.max_length, sizeof(int));
     c.arrived = calloc((size_t)c.max_length, sizeof(int));
-    if (!wk || !th || !c.counts || !c.arrived) {
-        free(wk), free(th), free(c.counts), free(c.arrived);
+    if (!wk || !c.counts || !c.arrived) {
+        free(wk), free(c.counts), free(c.arrived);
         return -1;
     }
-    /* start the helper threads first, then split the rows among those that started (and the caller) */
-    int64_t started = 1, result = 0;
-    for (int64_t w = 1; w < nt; w++) {
-        wk[w].c = &c;
-        if (pthread_create(&th[w], NULL, helper, &wk[w]) != 0) break;
-        started++;
+    /* the rows split among the team as it started (OpenMP may give fewer threads than asked) */
+#pragma omp parallel num_threads((int)c.nthreads)
+    {
+#pragma omp single
+        {
+            const int64_t nt = omp_get_num_threads();
+            c.nthreads = nt;
+            for (int64_t w = 0; w < nt; w++) {
+                wk[w].c = &c;
+                wk[w].b0 = w * c.B / nt;
+                wk[w].nb = (w + 1) * c.B / nt - wk[w].b0;
+            }
+        }   /* (the end of single is a barrier: every thread sees the split) */
+        run_rows(&wk[omp_get_thread_num()]);
     }
-    c.nthreads = nt = started;
-    for (int64_t w = 0; w < nt; w++) {
-        wk[w].c = &c;
-        wk[w].b0 = w * c.B / nt;
-        wk[w].nb = (w + 1) * c.B / nt - wk[w].b0;
-    }
-    __atomic_store_n(&c.go, 1, __ATOMIC_RELEASE);
-    run_rows(&wk[0]);
-    for (int64_t w = 1; w < nt; w++) pthread_join(th[w], NULL);
+    const int64_t nt = c.nthreads;
+    int64_t result = 0;
     for (int64_t w = 0; w < nt; w++)
         if (wk[w].status) result = -1;
     int64_t T = c.max_length;   /* the first check at which every row was done, as the threads found it */
@@ -448,7 +441,7 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
             T = t + 1;
             break;
         }
-    free(wk), free(th), free(c.counts), free(c.arrived);
+    free(wk), free(c.counts), free(c.arrived);
     return result ? result : T;
 }
 
@@ -459,7 +452,6 @@ typedef struct {
     const double *fp;
     void *const *ptr;          /* x, y */
     int64_t b0, b1;
-    int (*body)(const void *job);
 } Job;
 
 /* y = act(x) over rows b0..b1-1 of n elements each (dims[2]) */
@@ -471,32 +463,17 @@ static int activation_rows(const void *arg) {
     return 0;
 }
 
-static void *job_thread(void *arg) {
-    Job *jb = (Job *)arg;
-    jb->b1 = jb->body(jb) ? -1 : jb->b1;      /* (b1 < 0: failed) */
-    return NULL;
-}
-
-/* rows 0..rows-1 split over up to nthreads threads (the caller one of them); 0, or -1 when a block failed */
+/* rows 0..rows-1 split over up to nthreads threads; 0, or -1 when a block failed */
 static int64_t parallel_rows(int64_t rows, int64_t nthreads, const int64_t *dims, const double *fp, void *const *ptr,
                              int (*body)(const void *)) {
-    enum { MAX_T = 64 };
-    Job jobs[MAX_T];
-    pthread_t th[MAX_T];
-    int64_t nt = nthreads < 1 ? 1 : nthreads > MAX_T ? MAX_T : nthreads;
+    int64_t nt = nthreads < 1 ? 1 : nthreads;
     if (nt > rows) nt = rows > 0 ? rows : 1;
-    int started[MAX_T] = {0};
-    for (int64_t w = 0; w < nt; w++) {
-        jobs[w] = (Job){dims, fp, ptr, w * rows / nt, (w + 1) * rows / nt, body};
-        if (w > 0) started[w] = pthread_create(&th[w], NULL, job_thread, &jobs[w]) == 0;
-    }
-    int64_t failed = 0;
-    for (int64_t w = 0; w < nt; w++) {
-        if (w == 0 || !started[w]) failed |= body(&jobs[w]) != 0;     /* the caller takes what no thread took */
-        else {
-            pthread_join(th[w], NULL);
-            failed |= jobs[w].b1 < 0;
-        }
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt) reduction(| : failed)
+    {
+        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+        const Job jb = {dims, fp, ptr, w * rows / n, (w + 1) * rows / n};
+        failed |= body(&jb) != 0;
     }
     return failed ? -1 : 0;
 }

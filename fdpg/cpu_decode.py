@@ -28,8 +28,7 @@ import torch
 __all__ = ["run", "unavailable_reason", "activation", "retain_heap"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
-          "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
 _N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 21, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c

@@ -49,6 +49,22 @@ def test_available_here():
     assert native.unavailable_reason(dec) is None
 
 
+def test_shares_torchs_openmp_runtime():
+    """The native library's threads are those of the OpenMP runtime torch loaded (one libgomp in the process): a
+    second runtime's threads would compete for the cores with torch's spinning workers."""
+    try:
+        with open("/proc/self/maps") as f:
+            before = {ln.split()[-1] for ln in f if "libgomp" in ln}
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    if not before:
+        pytest.skip("torch has not loaded libgomp (another OpenMP runtime)")
+    assert native._library_reason(torch.float32) is None and native._library_reason(torch.float64) is None
+    with open("/proc/self/maps") as f:
+        after = {ln.split()[-1] for ln in f if "libgomp" in ln}
+    assert after == before
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("ctx", ["bos", "padded"])
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])
