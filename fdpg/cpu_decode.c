@@ -15,7 +15,7 @@
  * Memory layouts (all written by the Python side's decoder, fdpg.decode._GPT2, and read back by its replay):
  *   slab        [L, S, 3d, B]  one slot per position: q, k, v of that token, feature-major, batch innermost
  *   rec_<name>  [L, B, S, w]   the proj / fc / act / dact (GELU's derivative) / mlp outputs at every slot (NULL:
- *                              not recording; act and dact: NULL for ReLU)
+ *                              not recording; act and dact: NULL for ReLU, fc: NULL for GELU)
  *   rec_logits  [B, S, V]      rec_ids [S, B] (int64)
  *   pe          [B, S, d]      every slot's position embedding
  *   valid       [B, S] (uint8) which slots hold real tokens (NULL: all)

@@ -648,7 +648,7 @@ class _FastDecoder(Decoder):
 
     def _gemm(self, name: str, i: int, bias, h, w):
         """``h @ w + bias`` (``w [in, out]``), written into its record at the current slot when recording."""
-        if not self.recording:
+        if not self.recording or name not in self._rec:
             return torch.addmm(bias, h, w)
         if self._prefilling:
             return self._keep(name, i, torch.addmm(bias, h, w))
@@ -819,7 +819,8 @@ class _GPT2(_FastDecoder):
     def _recorded_gemms(self):
         width = self.blocks[0][4].weight.shape[1]
         gelu = _GELU_KIND.get(type(self.blocks[0][5]).__name__)
-        return {"proj": self.d, "fc": width, "mlp": self.d, **({"act": width, "dact": width} if gelu else {})}
+        # GELU: its output and derivative; the fc output's value is then never read (see _replay_layer)
+        return {"proj": self.d, "mlp": self.d, **({"act": width, "dact": width} if gelu else {"fc": width})}
 
     def _replay_embed(self, ids):
         return F.embedding(ids, self.wte) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
@@ -833,8 +834,11 @@ class _GPT2(_FastDecoder):
         q, k, v = qkv.view(B, s, 3, H, hd).unbind(2)
         a = self._attend_all(i, q, k, v).view(B, s, D)
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
-        f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False)
-        g = _ReplayGELU.apply(f, rec["act"], rec["dact"]) if "act" in rec else _act(act, f)
+        if "act" in rec:   # GELU's backward takes the recorded derivative, not fc's output: act is its stand-in
+            f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["act"], False)
+            g = _ReplayGELU.apply(f, rec["act"], rec["dact"])
+        else:
+            g = _act(act, _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False))
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
 

@@ -202,7 +202,7 @@ def test_replay_is_void_after_a_weight_update_and_absent_where_nothing_is_record
     import fdpg.decode as D
 
     need = decoder(model, 4, 5, record=True)._record_bytes()
-    assert need == 5 * 4 * (1 * (16 + 64 + 64 + 64 + 16) + V) * 4          # proj, fc, act, dact, mlp; logits
+    assert need == 5 * 4 * (1 * (16 + 64 + 64 + 16) + V) * 4               # proj, act, dact, mlp; logits
     old, D.RECORD_MAX_BYTES = D.RECORD_MAX_BYTES, need - 1
     try:
         assert sample(model, 4, 5, eos_token_id=None, generator=g, record=True).replay is None
