@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh kernels           # bench_logprobs (+ --stats), bench_linear, bench_qlearning
 #   bash benchmarks/gpu_session.sh e2e               # e2e gpt2-small (lengths 64/128/256) and llama-1b
 #   bash benchmarks/gpu_session.sh memory            # the largest batch of each peer, gpt2-small and llama-1b
-#   bash benchmarks/gpu_session.sh ab                # fdpg alone without the fused decode norms (against e2e's)
+#   bash benchmarks/gpu_session.sh ab                # fdpg alone without the fused decode norms, then draw (against e2e's)
 #
 # Each part writes <part>.log (and JSON where the tool has it) under $OUT (default ./gpu-out). A part's commands
 # have their own time limits, so that a slow one leaves the others their turn.
@@ -75,10 +75,13 @@ part_memory() {
   run 280 "$log" $PY benchmarks/e2e.py --config llama-1b --max-batch
 }
 
-part_ab() {  # decoding without the fused add+norm kernels (FDPG_FUSED_NORMS=off): compare with part e2e's fdpg rows
+part_ab() {  # decoding without the fused add+norm kernels (FDPG_FUSED_NORMS=off), then without the fused draw
+  # (FDPG_FUSED_DRAW=off): compare with part e2e's fdpg rows
   local log=$OUT/ab.log
-  FDPG_FUSED_NORMS=off run 200 "$log" $PY benchmarks/e2e.py --config gpt2-small --length 128 --steps 10 --peers fdpg
-  FDPG_FUSED_NORMS=off run 200 "$log" $PY benchmarks/e2e.py --config llama-1b --steps 5 --peers fdpg
+  FDPG_FUSED_NORMS=off run 150 "$log" $PY benchmarks/e2e.py --config gpt2-small --length 128 --steps 10 --peers fdpg
+  FDPG_FUSED_NORMS=off run 150 "$log" $PY benchmarks/e2e.py --config llama-1b --steps 5 --peers fdpg
+  FDPG_FUSED_DRAW=off run 150 "$log" $PY benchmarks/e2e.py --config gpt2-small --length 128 --steps 10 --peers fdpg
+  FDPG_FUSED_DRAW=off run 150 "$log" $PY benchmarks/e2e.py --config llama-1b --steps 5 --peers fdpg
 }
 
 [ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }

@@ -46,20 +46,25 @@ RECORD_MAX_BYTES = 2 << 30  # record a sampling pass for its replay only when th
 FUSED_NORMS = os.environ.get("FDPG_FUSED_NORMS", "cuda")
 
 
-def _fused_norms(device: torch.device, layout_ok: bool) -> bool:
-    """Whether decoding steps on ``device`` take :func:`fdpg.kernels.norms.add_norm` (see :data:`FUSED_NORMS`;
-    ``layout_ok``: the cache layout has steps that can, i.e. not the CPU slab)."""
-    if FUSED_NORMS not in ("cuda", "always", "off"):
-        raise ValueError(f"fdpg.decode.FUSED_NORMS (or FDPG_FUSED_NORMS): expected 'cuda', 'always' or 'off', "
-                         f"got {FUSED_NORMS!r}")
-    if not layout_ok or FUSED_NORMS == "off" or (FUSED_NORMS == "cuda" and device.type != "cuda"):
+def use_triton(setting: str, name: str, device: torch.device) -> bool:
+    """Whether a fused Triton path set to ``setting`` ("cuda": on CUDA devices; "always": CPU tensors too, under
+    TRITON_INTERPRET=1; "off") runs on ``device`` (and triton is installed). ``name``: the setting's name (the
+    module attribute, and its environment variable), for the error."""
+    if setting not in ("cuda", "always", "off"):
+        raise ValueError(f"{name}: expected 'cuda', 'always' or 'off', got {setting!r}")
+    if setting == "off" or (setting == "cuda" and device.type != "cuda"):
         return False
     import importlib.util
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError(f"fdpg.decode.FUSED_NORMS = 'always': Triton runs on {device.type} tensors only under "
-                         "TRITON_INTERPRET=1")
+        raise ValueError(f"{name} = 'always': Triton runs on {device.type} tensors only under TRITON_INTERPRET=1")
     return importlib.util.find_spec("triton") is not None
+
+
+def _fused_norms(device: torch.device, layout_ok: bool) -> bool:
+    """Whether decoding steps on ``device`` take :func:`fdpg.kernels.norms.add_norm` (see :data:`FUSED_NORMS`;
+    ``layout_ok``: the cache layout has steps that can, i.e. not the CPU slab)."""
+    return use_triton(FUSED_NORMS, "fdpg.decode.FUSED_NORMS (or FDPG_FUSED_NORMS)", device) and layout_ok
 
 
 def _exact(module, *names) -> bool:

@@ -10,6 +10,7 @@ belongs to it) or at ``max_length`` tokens; later positions are padding, masked 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -18,6 +19,12 @@ import torch
 import fdpg
 
 __all__ = ["Samples", "sample", "left_pad", "cat_samples"]
+
+#: Where the sampling loop draws each token, and keeps its end-of-sequence bookkeeping, in one Triton kernel
+#: (kernels/sampling.py; about a dozen ATen kernels a token otherwise): "cuda" (CUDA devices, the default), "always"
+#: (CPU tensors too: the tests, under TRITON_INTERPRET=1) or "off"; the environment variable FDPG_FUSED_DRAW sets
+#: it at import.
+FUSED_DRAW = os.environ.get("FDPG_FUSED_DRAW", "cuda")
 
 
 @dataclass
@@ -103,7 +110,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     Returns:
         :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
     """
-    from .decode import decoder
+    from .decode import decoder, use_triton
 
     dev = next(model.parameters()).device
     if context_ids is None:
@@ -134,13 +141,20 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         from .cpu_decode import run
 
         native = run(dec, logits, max_length, eos_token_id, pad, stop_check_every, generator)
+    fused = native is None and use_triton(FUSED_DRAW, "fdpg.sampling.FUSED_DRAW (or FDPG_FUSED_DRAW)", dev)
+    if fused:
+        from .kernels.sampling import draw
     for t in range(max_length if native is None else 0):
-        tok, lp = _draw(logits, generator)                        # [B, 1] each
-        if eos_token_id is not None:
-            if any_done or stop_check_every > 1:
-                tok.masked_fill_(done, pad)
-                lp.masked_fill_(done, 0.0)
-            done |= tok == eos_token_id
+        if fused:    # the uniforms as _draw takes them; rows done get pad and 0, done updated, in the kernel
+            u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=dev)
+            tok, lp = draw(logits, u, done, pad=pad, eos=eos_token_id)
+        else:
+            tok, lp = _draw(logits, generator)                    # [B, 1] each
+            if eos_token_id is not None:
+                if any_done or stop_check_every > 1:
+                    tok.masked_fill_(done, pad)
+                    lp.masked_fill_(done, 0.0)
+                done |= tok == eos_token_id
         tokens.append(tok)
         lps.append(lp)
         if t + 1 == max_length:

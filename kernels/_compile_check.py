@@ -373,8 +373,21 @@ def _cases_norms(K):
     return cases
 
 
+def _cases_sampling(K):
+    # a decoding step's draw: GPT-2's vocabulary in float32 and bf16 logits, Llama-3's in bf16; with and without EOS
+    cases = []
+    for V, dt in ((50257, FP32), (50257, BF16), (128256, BF16)):
+        for eos in (True, False):
+            def run(V=V, dt=dt, eos=eos):
+                K.draw(meta(64, V, dtype=dt), meta(64, 1, dtype=torch.float64),
+                       meta(64, 1, dtype=torch.bool) if eos else None, pad=0, eos=0 if eos else None)
+            cases.append(dict(label=f"draw V={V} {_DT[dt]}{' eos' if eos else ''}", run=run,
+                              primary=V == 50257 and eos))
+    return cases
+
+
 CASES = {"logprobs": _cases_logprobs, "coefficients": _cases_coefficients, "linear": _cases_linear,
-         "norms": _cases_norms}
+         "norms": _cases_norms, "sampling": _cases_sampling}
 
 
 def kernel_modules() -> list[str]:

@@ -252,3 +252,91 @@ def test_autocast_pass_casts_the_gemm_weights_once(family, monkeypatch):
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.token_logprob, b.token_logprob, rtol=0, atol=0)
     assert all(torch.equal(p, q) and p.dtype == torch.float32 for p, q in zip(m.parameters(), before))
+
+
+@pytest.mark.parametrize("kw", [dict(eos_token_id=0), dict(eos_token_id=0, stop_check_every=3),
+                                dict(eos_token_id=None), dict(eos_token_id=0, padded=True)])
+def test_fused_draw_samples_as_the_torch_draw(model, kw, monkeypatch):
+    """The sampling loop's draw in one Triton kernel (a GPU's default; here under the interpreter) against
+    _draw's torch ops and the loop's masking: the same tokens, mask and generator state, log-probs to float32
+    rounding. Hugging Face's forward (fast=False): GPT-2 on the CPU would take the native loop."""
+    import os
+
+    import fdpg.sampling as S
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    pytest.importorskip("triton")
+    kw = dict(kw)
+    B, dev = 40, "cuda" if torch.cuda.is_available() else "cpu"
+    m = model.to(dev)
+    if kw.pop("padded", False):
+        g = torch.Generator().manual_seed(9)
+        ids, mask = left_pad([torch.randint(1, 5, (1 + i % 4,), generator=g).tolist() for i in range(B)], 0)
+        kw.update(context_ids=ids.to(dev), context_mask=mask.to(dev))
+    out = {}
+    for setting in ("off", "always"):
+        monkeypatch.setattr(S, "FUSED_DRAW", setting)
+        g = torch.Generator(dev).manual_seed(4)
+        s = sample(m, B, 7, generator=g, fast=False, **kw)
+        out[setting] = s, torch.rand(2, generator=g, device=dev)
+    (a, ua), (b, ub) = out["off"], out["always"]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and torch.equal(ua, ub)
+    torch.testing.assert_close(b.token_logprob, a.token_logprob, atol=2e-6, rtol=0)
+    if kw["eos_token_id"] is not None:
+        assert bool((~a.mask).any())                              # some rows ended before the others
+    monkeypatch.setattr(S, "FUSED_DRAW", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_DRAW"):
+        sample(m, 2, 2, eos_token_id=0, fast=False)
+    model.to("cpu")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")      # the interpreter's numpy on the NaN row
+def test_fused_draw_kernel_edges():
+    """kernels/sampling.draw on rows the loop can meet: -inf logits (never drawn), one token, a vocabulary over
+    several tiles (odd size), half-precision logits, strided rows, NaN/+inf rows (token 0, NaN), EOS bookkeeping."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    pytest.importorskip("triton")
+    from fdpg.kernels.sampling import draw
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    for V, dt in ((1, torch.float32), (7, torch.float32), (2049, torch.float32), (3001, torch.bfloat16),
+                  (1000, torch.float16)):
+        B = 16
+        z = (torch.randn(B, V + 3, generator=gen) * 3).to(dt)[:, 1:V + 1]               # strided rows
+        if V > 1:
+            z[0, :V - 1] = float("-inf")                                                # one token left
+            z[1, 1::2] = float("-inf")
+        u = torch.rand(B, 1, generator=gen, dtype=torch.float64)
+        u[2] = 1 - 2 ** -53                                                            # the top of [0, 1)
+        u[3] = 0.0
+        tok, lp = draw(z.to(dev), u.to(dev))
+        assert tok.shape == (B, 1) and tok.dtype == torch.long and lp.dtype == torch.float32
+        tok, lp = tok.cpu(), lp.cpu()
+        assert bool(torch.isfinite(z.float().gather(1, tok)).all())                   # never a -inf logit
+        torch.testing.assert_close(lp, torch.log_softmax(z.double(), -1).gather(1, tok).float(), atol=2e-6, rtol=0)
+        if V > 1:
+            assert int(tok[0]) == V - 1 and int(tok[1]) % 2 == 0
+        # the inverse CDF of _draw's law (in float64 here), with the same uniforms
+        p = torch.softmax(z.double(), -1)
+        want = torch.searchsorted(p.cumsum(-1), u * p.sum(-1, keepdim=True), right=True).clamp_max(V - 1)
+        assert torch.equal(tok, want)
+    z = torch.randn(4, 50, generator=gen)
+    z[2, 5], z[3, 7] = float("nan"), float("inf")
+    tok, lp = draw(z.to(dev), torch.full((4, 1), 0.5, dtype=torch.float64, device=dev))
+    assert tok[2:].tolist() == [[0], [0]] and bool(lp[2:].isnan().all()) and bool(lp[:2].isfinite().all())
+    # EOS: done rows get the pad and 0; a row drawing EOS becomes done
+    z = torch.full((3, 6), float("-inf"))
+    z[:, 4] = 0.0                                                                   # token 4 only
+    done = torch.tensor([[True], [False], [False]], device=dev)
+    tok, lp = draw(z.to(dev), torch.rand(3, 1, dtype=torch.float64).to(dev), done, pad=1, eos=4)
+    assert tok.view(-1).tolist() == [1, 4, 4] and lp.view(-1).tolist() == [0.0, 0.0, 0.0]
+    assert done.view(-1).tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="u: expected"):
+        draw(z, torch.rand(3, 1))
+    with pytest.raises(ValueError, match="done"):
+        draw(z, torch.rand(3, 1, dtype=torch.float64), None, eos=4)
