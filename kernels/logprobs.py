@@ -10,7 +10,10 @@ log-prob, the logsumexp and the max of ``z / tau``, and optionally the policy en
     L = m + log S,   H = log S - B / S,   KL = (B - C) / S - log S + log S'
 
 Every accumulator is rescaled by ``exp(m_old - m_new)`` (and shifted by ``S (m_old - m_new)``) when a max grows,
-so all terms stay relative to each model's max. Out-of-range vocabulary columns load as ``-inf`` in every tile.
+so all terms stay relative to each model's max. The kernel keeps them in raw-logit units (``m`` the max of ``z``,
+``e = exp2((z - m) log2(e) / tau)``, B and C scaled by ``1 / tau`` once at the end): per element one subtraction,
+one multiplication and one ``ex2``, and ``z - m`` rounded once, not ``z / tau`` first. Out-of-range vocabulary
+columns load as ``-inf`` in every tile.
 
 Backward (:func:`token_stats_backward`) writes, per element of the policy logits,
 
@@ -167,27 +170,30 @@ def _row_base(row, lead, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr):
-    """One tile ``x [ROWS, BLOCK_V]`` (and the prior's ``xp``) into the rows' online accumulators (module doc)."""
+def _fwd_update(z, zp, m, S, Bs, pm, PS, Cs, c, HAS_PRIOR: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr):
+    """One tile of raw logits ``z [ROWS, BLOCK_V]`` (and the prior's ``zp``) into the rows' online accumulators
+    (module doc), kept in raw-logit units: ``m`` the max of ``z``, ``e = exp2((z - m) c)`` with ``c = log2(e) /
+    tau`` (the difference exact near the max, then one scaling: no separate division by tau), ``B`` and ``C``
+    without their factor ``1 / tau`` (the caller scales)."""
     NEG_INF: tl.constexpr = float("-inf")
-    m_new = tl.maximum(m, tl.max(x, 1))
+    m_new = tl.maximum(m, tl.max(z, 1))
     m_use = tl.where(m_new == NEG_INF, 0.0, m_new)   # a finite reference while the row is all -inf so far
-    alpha = tl.exp(m - m_use)
-    e = tl.exp(x - m_use[:, None])
+    alpha = tl.exp2((m - m_use) * c)
+    e = tl.exp2((z - m_use[:, None]) * c)
     S_old = S
     S = alpha * S + tl.sum(e, 1)
     if ENTROPY or KL:
         shift = tl.where(m == NEG_INF, 0.0, m - m_use)
-        xs = tl.where(e > 0, e * (x - m_use[:, None]), 0.0)
+        xs = tl.where(e > 0, e * (z - m_use[:, None]), 0.0)
         Bs = alpha * (Bs + S_old * shift) + tl.sum(xs, 1)
     if HAS_PRIOR:
-        pm_new = tl.maximum(pm, tl.max(xp, 1))
+        pm_new = tl.maximum(pm, tl.max(zp, 1))
         pm_use = tl.where(pm_new == NEG_INF, 0.0, pm_new)
-        ep = tl.exp(xp - pm_use[:, None])
-        PS = tl.exp(pm - pm_use) * PS + tl.sum(ep, 1)
+        ep = tl.exp2((zp - pm_use[:, None]) * c)
+        PS = tl.exp2((pm - pm_use) * c) * PS + tl.sum(ep, 1)
         if KL:
             pshift = tl.where(pm == NEG_INF, 0.0, pm - pm_use)
-            cs = tl.where(e > 0, e * (xp - pm_use[:, None]), 0.0)
+            cs = tl.where(e > 0, e * (zp - pm_use[:, None]), 0.0)
             Cs = alpha * (Cs + S_old * pshift) + tl.sum(cs, 1)
         pm = pm_new
     return m_new, S, Bs, pm, PS, Cs
@@ -215,12 +221,13 @@ def _token_stats_fwd_kernel(
         zprow = (r64 // zp_t1) * zp_s0 + (r64 % zp_t1) * zp_s1
     cols0 = tl.arange(0, BLOCK_V)
 
-    m = tl.full([ROWS], NEG_INF, tl.float32)   # running max of x = z / tau
-    S = tl.zeros([ROWS], tl.float32)           # sum exp(x - m)
-    Bs = tl.zeros([ROWS], tl.float32)          # sum exp(x - m) (x - m)
-    pm = tl.full([ROWS], NEG_INF, tl.float32)  # prior: running max of x'
-    PS = tl.zeros([ROWS], tl.float32)          # prior: sum exp(x' - m')
-    Cs = tl.zeros([ROWS], tl.float32)          # sum exp(x - m) (x' - m')
+    c = inv_tau * 1.4426950408889634           # log2(e) / tau: exp((z - m) / tau) = exp2((z - m) c)
+    m = tl.full([ROWS], NEG_INF, tl.float32)   # running max of z (x = z / tau: its max is m / tau)
+    S = tl.zeros([ROWS], tl.float32)           # sum exp(x - m / tau)
+    Bs = tl.zeros([ROWS], tl.float32)          # sum exp(x - m / tau) (z - m), i.e. tau B
+    pm = tl.full([ROWS], NEG_INF, tl.float32)  # prior: running max of z'
+    PS = tl.zeros([ROWS], tl.float32)          # prior: sum exp(x' - m' / tau)
+    Cs = tl.zeros([ROWS], tl.float32)          # sum exp(x - m / tau) (z' - m'), i.e. tau C
 
     if ALIGN > 1:
         # One row (ROWS == 1), columns contiguous: the columns before the row's first 16-byte-aligned one, then
@@ -233,22 +240,22 @@ def _token_stats_fwd_kernel(
             msk = row_ok[:, None] & ((hcols < lead) & (hcols < V))[None, :]
             x, xp = _load_pair(z_ptr, zrow[:, None] + hcols[None, :], zp_ptr, zprow[:, None] + hcols[None, :], msk,
                                HAS_PRIOR)
-            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, c, HAS_PRIOR, ENTROPY, KL)
         tl.device_assert((zr + lead) % ALIGN == 0, "row start not aligned")
         base = _row_base(zrow, lead, ALIGN, True)
         pbase = _row_base(zprow, lead, ALIGN, PRIOR_ALIGNED)
         for t in range(0, nfull):
             off = t * BLOCK_V + cols0
             x, xp = _load_pair(z_ptr, base + off, zp_ptr, pbase + off, None, HAS_PRIOR)
-            m, S, Bs, pm, PS, Cs = _fwd_update(x[None, :] * inv_tau, xp[None, :] * inv_tau, m, S, Bs, pm, PS, Cs,
-                                               HAS_PRIOR, ENTROPY, KL)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x[None, :], xp[None, :], m, S, Bs, pm, PS, Cs, c, HAS_PRIOR,
+                                               ENTROPY, KL)
         c1 = lead + nfull * BLOCK_V
         if c1 < V:
             cols = c1 + cols0
             msk = row_ok[:, None] & (cols < V)[None, :]
             x, xp = _load_pair(z_ptr, zrow[:, None] + cols[None, :], zp_ptr, zprow[:, None] + cols[None, :], msk,
                                HAS_PRIOR)
-            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, c, HAS_PRIOR, ENTROPY, KL)
     else:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
@@ -256,9 +263,10 @@ def _token_stats_fwd_kernel(
             coff = cols.to(tl.int64)[None, :]
             x, xp = _load_pair(z_ptr, zrow[:, None] + coff * z_sv, zp_ptr, zprow[:, None] + coff * zp_sv, msk,
                                HAS_PRIOR)
-            m, S, Bs, pm, PS, Cs = _fwd_update(x * inv_tau, xp * inv_tau, m, S, Bs, pm, PS, Cs, HAS_PRIOR, ENTROPY, KL)
+            m, S, Bs, pm, PS, Cs = _fwd_update(x, xp, m, S, Bs, pm, PS, Cs, c, HAS_PRIOR, ENTROPY, KL)
 
     logS = tl.log(S)
+    m = m * inv_tau                            # from here in x = z / tau units, B and C too
     lse = m + logS
     y = tl.load(y_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     y_ok = row_ok & (y >= 0) & (y < V)
@@ -267,16 +275,17 @@ def _token_stats_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(mx_ptr + rows, m, mask=row_ok)
     if ENTROPY:
-        tl.store(ent_ptr + rows, logS - Bs / S, mask=row_ok)
+        tl.store(ent_ptr + rows, logS - Bs * inv_tau / S, mask=row_ok)
     if HAS_PRIOR:
         logPS = tl.log(PS)
+        pm = pm * inv_tau
         plse = pm + logPS
         zpy = tl.load(zp_ptr + zprow + y * zp_sv, mask=y_ok, other=float("nan")).to(tl.float32) * inv_tau
         tl.store(plp_ptr + rows, zpy - plse, mask=row_ok)
         tl.store(plse_ptr + rows, plse, mask=row_ok)
         tl.store(pmx_ptr + rows, pm, mask=row_ok)
         if KL:
-            tl.store(kl_ptr + rows, (Bs - Cs) / S - logS + logPS, mask=row_ok)
+            tl.store(kl_ptr + rows, (Bs - Cs) * inv_tau / S - logS + logPS, mask=row_ok)
 
 
 @triton.jit
