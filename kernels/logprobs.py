@@ -378,17 +378,20 @@ def _token_stats_bwd_kernel(
 @triton.jit
 def _bwd_tile(z, zp, cols, lse, plse, k, u, gK, a, y, inv_tau, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr):
     """The gradient ``[ROWS, W]`` of one tile of raw logits ``z`` (``zp`` the prior's) at columns ``cols [W]``."""
-    x = z * inv_tau
-    logp = x - lse[:, None]
-    p = tl.exp(logp)
-    inner = k[:, None]
     if HAS_GENT or HAS_GKL:
-        inner += u[:, None] * logp
-    if HAS_GKL:
-        inner -= gK[:, None] * (zp * inv_tau - plse[:, None])
-    dx = tl.where(p > 0, p * inner, 0.0)
-    dx += tl.where(cols[None, :] == y[:, None], a[:, None], 0.0)
-    return dx * inv_tau
+        logp = z * inv_tau - lse[:, None]
+        p = tl.exp(logp)
+        inner = k[:, None] + u[:, None] * logp
+        if HAS_GKL:
+            inner -= gK[:, None] * (zp * inv_tau - plse[:, None])
+        dx = tl.where(p > 0, p * inner, 0.0) * inv_tau
+    else:
+        # p / tau times the row's k: p = exp2(z c - lse log2(e)) with c = log2(e) / tau, one FMA and one ex2 an
+        # element (z c and z / tau - lse are rounded alike); a row whose lse is not finite gets 0 (p = 0)
+        c = inv_tau * 1.4426950408889634
+        l2 = tl.where(tl.abs(lse) < float("inf"), lse * 1.4426950408889634, float("inf"))
+        dx = tl.exp2(z * c - l2[:, None]) * (k * inv_tau)[:, None]
+    return dx + tl.where(cols[None, :] == y[:, None], (a * inv_tau)[:, None], 0.0)
 
 
 @triton.jit
