@@ -108,38 +108,47 @@ static void layer_norm(const real *restrict x, real *restrict y, int64_t rows, i
     }
 }
 
-/* y = act(x) over a row of n, and its derivative dy (when not NULL) */
-static void activation(const real *restrict x, real *restrict y, real *restrict dy, int64_t n, int64_t act) {
+/* y = act(x + bias) over a row of n (bias NULL: none), and its derivative dy (when not NULL) */
+static void activation(const real *restrict x, real *restrict y, real *restrict dy, int64_t n, int64_t act,
+                       const real *restrict bias) {
     const real k = (real)0.7978845608028654, c = (real)0.044715, r2 = (real)0.7071067811865476;
     if (act == ACT_GELU_TANH) {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) {
-            real v = x[j], t = r_tanh(k * (v + c * v * v * v));
+            real v = x[j] + (bias ? bias[j] : 0), t = r_tanh(k * (v + c * v * v * v));
             y[j] = (real)0.5 * v * ((real)1 + t);
             if (dy) dy[j] = (real)0.5 * ((real)1 + t) + (real)0.5 * v * ((real)1 - t * t) * k * ((real)1 + 3 * c * v * v);
         }
     } else if (act == ACT_GELU_ERF) {
         for (int64_t j = 0; j < n; j++) {
-            real v = x[j], e = r_erf(v * r2);
+            real v = x[j] + (bias ? bias[j] : 0), e = r_erf(v * r2);
             y[j] = (real)0.5 * v * ((real)1 + e);
             if (dy) dy[j] = (real)0.5 * ((real)1 + e) + v * r_exp(-(real)0.5 * v * v) * (real)0.3989422804014327;
         }
     } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; j++) y[j] = x[j] > 0 ? x[j] : 0;
+        for (int64_t j = 0; j < n; j++) {
+            real v = x[j] + (bias ? bias[j] : 0);
+            y[j] = v > 0 ? v : 0;
+        }
     }
 }
 
-/* C[M, N] += op(A)[M, K] @ op(W)[K, N], row-major meaning; a_t: A stored [K, M]; w_t: W stored [N, K]; c_t: C
- * stored [N, M]. BLAS is column-major: a row-major [r, c] block is its transpose there. */
-static void gemm(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
-                 const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc) {
+/* C[M, N] = beta C + op(A)[M, K] @ op(W)[K, N], row-major meaning (gemm: beta = 1); a_t: A stored [K, M]; w_t: W
+ * stored [N, K]; c_t: C stored [N, M]. BLAS is column-major: a row-major [r, c] block is its transpose there. */
+static void gemm_b(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
+                   const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc, real beta) {
     const real one = 1;
     int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lc = (int)ldc;
     if (!c_t)   /* C^T [N, M] = op(W)^T [N, K] @ op(A)^T [K, M] */
-        c->gemm(w_t ? "T" : "N", a_t ? "T" : "N", &n, &m, &k, &one, Wt, &lw, A, &la, &one, C, &lc);
+        c->gemm(w_t ? "T" : "N", a_t ? "T" : "N", &n, &m, &k, &one, Wt, &lw, A, &la, &beta, C, &lc);
     else        /* C [M, N] = op(A) [M, K] @ op(W) [K, N] */
-        c->gemm(a_t ? "N" : "T", w_t ? "N" : "T", &m, &n, &k, &one, A, &la, Wt, &lw, &one, C, &lc);
+        c->gemm(a_t ? "N" : "T", w_t ? "N" : "T", &m, &n, &k, &one, A, &la, Wt, &lw, &beta, C, &lc);
+}
+
+static void gemm(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
+                 const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc) {
+    gemm_b(c, c_t, M, N, K, A, lda, a_t, Wt, ldw, w_t, C, ldc, 1);
 }
 
 /* rows of n at stride ld: the bias, or 0 */
@@ -268,7 +277,7 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
         fill_rows(f, W(c, i, W_FC_B), nb, F, lf);
         gemm(c, 0, nb, F, d, bf->h, d, 0, W(c, i, W_FC_W), F, 0, f, lf);
         for (int64_t m = 0; m < nb; m++)
-            activation(f + m * lf, g + m * lg, dg ? dg + m * ldg : NULL, F, c->act);
+            activation(f + m * lf, g + m * lg, dg ? dg + m * ldg : NULL, F, c->act, NULL);
         y = rec_at(c, P_REC_MLP, i, n, b0, d, bf->t_d, &ly);
         fill_rows(y, W(c, i, W_MLP_B), nb, d, ly);
         gemm(c, 0, nb, d, F, g, lg, 0, W(c, i, W_MLP_W), d, 0, y, ly);
@@ -459,7 +468,7 @@ static int activation_rows(const void *arg) {
     const Job *jb = (const Job *)arg;
     const int64_t n = jb->dims[2];
     activation((const real *)jb->ptr[0] + jb->b0 * n, (real *)jb->ptr[1] + jb->b0 * n, NULL,
-               (jb->b1 - jb->b0) * n, jb->dims[1]);
+               (jb->b1 - jb->b0) * n, jb->dims[1], NULL);
     return 0;
 }
 
@@ -480,4 +489,139 @@ static int64_t parallel_rows(int64_t rows, int64_t nthreads, const int64_t *dims
 
 int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr) {
     return parallel_rows(dims[0], dims[3], dims, fp, ptr, activation_rows);
+}
+
+/* ---- the no-grad forward over whole sequences (the prior's scoring pass): every layer ------------------------
+ *
+ * fdpg_forward: the final-norm hidden states out [B, s, d] of ids [B, s] (int64), with the position embeddings pe
+ * [B, s, d] already gathered and valid [B, s] (uint8, NULL: no padding): a query attends to the valid keys at or
+ * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
+ * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
+ * MKL per thread). */
+enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_N };
+enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
+
+/* BM reals as one vector register (GCC's vector extension: the accumulators below stay in registers) */
+typedef real vreal __attribute__((vector_size(BM * sizeof(real))));
+static inline vreal vload(const real *p) {
+    vreal v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* x += y + bias, rows of n (contiguous) */
+static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
+                          int64_t n) {
+    for (int64_t m = 0; m < rows; m++)
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * n + j] + bias[j];
+}
+
+/* causal attention of one row's s positions, head by head: qkv [s, 3d] -> o [s, d]. Scratch: kt [hd, sp] (the
+ * head's keys transposed, sp = s rounded up to BM: a query's scores are BM-wide vectors over the keys) and sc
+ * [sp]. The weighted values accumulate in BM-wide vectors over the head's dims (qkv is allocated with BM reals of
+ * slack: the last vector may read past the row). */
+static void attend_row(const real *restrict qkv, real *restrict o, const uint8_t *valid, int64_t s, int64_t d,
+                       int64_t H, real scale, real *restrict kt, real *restrict sc) {
+    const int64_t hd = d / H, sp = (s + BM - 1) / BM * BM;
+    for (int64_t hh = 0; hh < H; hh++) {
+        for (int64_t e = 0; e < hd; e++) {
+            for (int64_t j = 0; j < s; j++) kt[e * sp + j] = qkv[j * 3 * d + d + hh * hd + e];
+            for (int64_t j = s; j < sp; j++) kt[e * sp + j] = 0;
+        }
+        for (int64_t t = 0; t < s; t++) {
+            const real *q = qkv + t * 3 * d + hh * hd;
+            const int64_t n = t + 1, np = (n + BM - 1) / BM * BM;     /* keys 0 .. t, in whole vectors */
+            for (int64_t j0 = 0; j0 < n; j0 += BM) {
+                vreal a = {0};
+                for (int64_t e = 0; e < hd; e++) a += (q[e] * scale) * vload(kt + e * sp + j0);
+                memcpy(sc + j0, &a, sizeof a);
+            }
+            for (int64_t j = n; j < np; j++) sc[j] = -INFINITY;
+            if (valid) {                                 /* padding keys out; a padding query sees itself only */
+                const int own = !valid[t];
+                for (int64_t j = 0; j < t; j++)
+                    if (own || !valid[j]) sc[j] = -INFINITY;
+            }
+            real mx = -INFINITY, sum = 0;
+            for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+#pragma omp simd
+            for (int64_t j = 0; j < np; j++) sc[j] = r_exp(sc[j] - mx);
+            vreal vs = {0};
+            for (int64_t j = 0; j < np; j += BM) vs += vload(sc + j);
+            for (int64_t j = 0; j < BM; j++) sum += vs[j];
+            const real inv = (real)1 / sum;
+            real *restrict ot = o + t * d + hh * hd;
+            for (int64_t e0 = 0; e0 < hd; e0 += BM) {
+                vreal a = {0};
+                for (int64_t j = 0; j < n; j++) a += sc[j] * vload(qkv + j * 3 * d + 2 * d + hh * hd + e0);
+                const int64_t ne = hd - e0 < BM ? hd - e0 : BM;
+                for (int64_t e = 0; e < ne; e++) ot[e0 + e] = a[e] * inv;
+            }
+        }
+    }
+}
+
+/* rows b0 .. b0 + nb - 1 through the model; 0, or -1 when out of memory */
+static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
+    const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], act = fd[F_ACT];
+    const int64_t M = nb * s;
+    const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
+    const real *pe = (const real *)ptr[Q_PE] + b0 * s * d, *wte = (const real *)ptr[Q_WTE];
+    const uint8_t *valid = ptr[Q_VALID] ? (const uint8_t *)ptr[Q_VALID] + b0 * s : NULL;
+    real *x = malloc((size_t)M * d * sizeof(real)), *h = malloc((size_t)M * d * sizeof(real));
+    real *qkv = malloc(((size_t)M * 3 * d + BM) * sizeof(real)), *o = malloc((size_t)M * d * sizeof(real));
+    real *f = malloc((size_t)M * F * sizeof(real)), *g = malloc((size_t)M * F * sizeof(real));
+    const int64_t hd = d / H, sp = (s + BM - 1) / BM * BM;
+    real *sc = malloc((size_t)sp * sizeof(real)), *kt = malloc((size_t)hd * sp * sizeof(real));
+    int ok = x && h && qkv && o && f && g && sc && kt;
+    for (int64_t m = 0; ok && m < M; m++) {
+        const real *e = wte + ids[m] * d, *p = pe + m * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) x[m * d + j] = e[j] + p[j];
+    }
+#define FW(i, k) ((const real *)ptr[Q_LAYERS + (i) * W_N + (k)])
+    for (int64_t i = 0; ok && i < L; i++) {
+        const double *eps = fp + 1 + 3 * i;
+        layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
+        fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
+        gemm(c, 0, M, 3 * d, d, h, d, 0, FW(i, W_ATTN_W), 3 * d, 0, qkv, 3 * d);
+        for (int64_t b = 0; b < nb; b++)
+            attend_row(qkv + b * s * 3 * d, o + b * s * d, valid ? valid + b * s : NULL, s, d, H, (real)eps[2], kt,
+                       sc);
+        gemm_b(c, 0, M, d, d, o, d, 0, FW(i, W_PROJ_W), d, 0, h, d, 0);
+        add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
+        layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
+        gemm_b(c, 0, M, F, d, h, d, 0, FW(i, W_FC_W), F, 0, f, F, 0);
+        for (int64_t m = 0; m < M; m++) activation(f + m * F, g + m * F, NULL, F, act, FW(i, W_FC_B));
+        gemm_b(c, 0, M, d, F, g, F, 0, FW(i, W_MLP_W), d, 0, h, d, 0);
+        add_bias_rows(x, h, FW(i, W_MLP_B), M, d);
+    }
+#undef FW
+    if (ok)
+        layer_norm(x, (real *)ptr[Q_OUT] + b0 * s * d, M, d, (const real *)ptr[Q_LNF_W], (const real *)ptr[Q_LNF_B],
+                   fp[0]);
+    free(x), free(h), free(qkv), free(o), free(f), free(g), free(sc), free(kt);
+    return ok ? 0 : -1;
+}
+
+int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.gemm = (gemm_fn)ptr[Q_GEMM];
+    c.set_threads = (threads_fn)ptr[Q_THREADS];
+    const int64_t B = dims[F_B];
+    int64_t nt = dims[F_THREADS] < 1 ? 1 : dims[F_THREADS];
+    if (nt > B) nt = B > 0 ? B : 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt) reduction(| : failed)
+    {
+        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+        const int one = 1;
+        const int prev = c.set_threads ? c.set_threads(&one) : 0;
+        const int64_t b0 = w * B / n, b1 = (w + 1) * B / n;
+        if (b1 > b0) failed |= forward_rows(&c, dims, fp, ptr, b0, b1 - b0) != 0;
+        if (c.set_threads) c.set_threads(&prev);
+    }
+    return failed ? -1 : 0;
 }

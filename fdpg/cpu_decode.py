@@ -1,4 +1,5 @@
-"""The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 sampling pass after the prefill in one native call.
+"""The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 sampling pass after the prefill in one native call;
+and the no-grad scoring forward (the prior's pass, :func:`forward`) in another.
 
 On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
 Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
@@ -25,13 +26,14 @@ import threading
 
 import torch
 
-__all__ = ["run", "unavailable_reason", "activation", "retain_heap"]
+__all__ = ["run", "unavailable_reason", "forward", "activation", "retain_heap"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
 _N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 21, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_N_FDIMS, _N_FPTRS = 8, 9                         # as F_N and Q_LAYERS (fdpg_forward)
 _lock = threading.Lock()
 _libs: dict = {}                                  # dtype -> the loaded function, or the reason there is none
 
@@ -92,7 +94,7 @@ def _load(dtype):
                     raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
                 gemm, threads = _blas()
                 lib = ctypes.CDLL(_compile(cc, dtype == torch.float64))
-                fns = [lib.fdpg_sample, lib.fdpg_activation]
+                fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward]
                 for fn in fns:
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -122,19 +124,29 @@ def unavailable_reason(dec, all_done=None) -> str | None:
         return "the decoder is not on the CPU slab path (GPU, autocast or half precision)"
     if all_done is not None:
         return "all_done: the ranks' agreement at each stop check runs in Python"
+    return _model_reason(dec, [dec.head_w]) or _library_reason(dec.wdtype)
+
+
+def _layer_weights(blk) -> list:
+    """A GPT-2 block's tensors in cpu_decode.c's W_ order."""
+    ln1, c_attn, c_proj, ln2, c_fc, _, m_proj = blk
+    return [ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias, ln2.weight, ln2.bias,
+            c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias]
+
+
+def _model_reason(dec, extra: list) -> str | None:
+    """Why the native code cannot take GPT-2 decoder ``dec``'s activation and weights (and ``extra``), or None."""
     act = type(dec.blocks[0][5]).__name__
     if act not in _ACT:
         return f"the activation {act} (native: GELU, tanh-GELU, ReLU)"
-    tensors = [dec.wte, dec.pe, dec.head_w, dec.final_norm.weight, dec.final_norm.bias]
+    tensors = [dec.wte, dec.pe, dec.final_norm.weight, dec.final_norm.bias, *extra]
     for blk in dec.blocks:
-        ln1, c_attn, c_proj, ln2, c_fc, _, m_proj = blk
-        tensors += [ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias, ln2.weight,
-                    ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias]
+        tensors += _layer_weights(blk)
     if any(t is None or not t.is_contiguous() for t in tensors):
         return "a weight that is missing (no bias or affine norm) or not contiguous"
     if any(t.dtype != dec.wdtype for t in tensors):
         return "weights of mixed dtypes"
-    return _library_reason(dec.wdtype)
+    return None
 
 
 def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pad: int, stop_check_every: int,
@@ -144,7 +156,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     left as the loop leaves it (``T - 1`` steps fed). None when the native loop cannot run it (the caller loops)."""
     if unavailable_reason(dec) is not None:
         return None
-    fn, _, gemm, set_threads = _load(dec.wdtype)
+    fn, _, _, gemm, set_threads = _load(dec.wdtype)
     B, S, L = dec.B, dec.S, dec.n_layer
     V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
     gen = generator if generator is not None else torch.default_generator
@@ -170,9 +182,8 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
             rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
     ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]
-    for ln1, c_attn, c_proj, ln2, c_fc, _, m_proj in dec.blocks:
-        ptrs += [ptr(t) for t in (ln1.weight, ln1.bias, c_attn.weight, c_attn.bias, c_proj.weight, c_proj.bias,
-                                  ln2.weight, ln2.bias, c_fc.weight, c_fc.bias, m_proj.weight, m_proj.bias)]
+    for blk in dec.blocks:
+        ptrs += [ptr(t) for t in _layer_weights(blk)]
     assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
     T = _call(fn, dims, fp, ptrs)
     del keep
@@ -183,6 +194,40 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
         torch.rand(T, B, dtype=torch.float64, generator=gen)
     dec.n += T - 1
     return tokens[:, :T], lps[:, :T]
+
+
+def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
+    """The final-norm hidden states ``[B, s, d]`` of ``ids [B, s]`` through GPT-2 decoder ``dec``'s layers in one
+    native call (``dec`` set up by its scoring forward: ``dec.pe``, ``dec.valid``), as that forward computes them
+    to float rounding; None where the native code cannot take it: autograd wanted, autocast, another device or
+    dtype, or the library unavailable (the caller runs the torch forward)."""
+    if type(dec).__name__ != "_GPT2" or dec.dev.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return None
+    weights = [w for blk in dec.blocks for w in _layer_weights(blk)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (*weights, dec.wte, dec.pe, dec.final_norm.weight)):
+        return None
+    if dec.wdtype not in (torch.float32, torch.float64) or _model_reason(dec, []) or _library_reason(dec.wdtype):
+        return None
+    _, _, fn, gemm, set_threads = _load(dec.wdtype)
+    B, s = ids.shape
+    ids = ids.contiguous()
+    valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
+    out = torch.empty(B, s, dec.d, dtype=dec.wdtype)
+    dims = [dec.n_layer, B, s, dec.d, dec.n_head, dec.blocks[0][4].weight.shape[1],
+            _ACT[type(dec.blocks[0][5]).__name__], torch.get_num_threads()]
+    fp = [dec.final_norm.eps]
+    for i, blk in enumerate(dec.blocks):
+        fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
+    keep = [ids, valid, out]                                              # alive during the call
+    ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
+                                                        dec.final_norm.bias)] + [gemm, set_threads]
+    ptrs += [t.data_ptr() for t in weights]
+    assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + _W_PER_LAYER * dec.n_layer
+    if _call(fn, dims, fp, ptrs) != 0:
+        raise MemoryError("fdpg.cpu_decode: the native forward could not allocate its buffers")
+    del keep
+    return out
 
 
 def _call(fn, dims, fp, ptrs) -> int:

@@ -529,6 +529,9 @@ class _FastDecoder(Decoder):
         self.pos = (torch.arange(s, device=self.dev).expand(B, s) if mask is None
                     else (mask.long().cumsum(1) - 1).clamp_min(0))
         self._start()
+        h = self._native_forward(ids)
+        if h is not None:
+            return h
         self._mask, self._bias_cache = self._prefill_mask(s), None
         x = self._embed(ids)                                      # [B * s, d]
         for i in range(self.n_layer):
@@ -580,6 +583,10 @@ class _FastDecoder(Decoder):
 
     def _start(self):
         pass
+
+    def _native_forward(self, ids):
+        """The scoring forward's result in one native call where a family has one and can take it, else None."""
+        return None
 
     # ---- a layer as its family describes it: _RMS (RMSNorm, else LayerNorm), _NORMS (positions in a block of the
     # norms before attention and before the MLP), self.final_norm, _proj(i, a) (attention output projection),
@@ -799,6 +806,9 @@ class _GPT2(_FastDecoder):
         return F.embedding(ids, self.wte) + self._slot(self.pe)
 
     _NORMS = (0, 3)
+
+    def _native_forward(self, ids):
+        return cpu_decode.forward(self, ids)       # on the CPU without autograd (fdpg/cpu_decode.c)
 
     def _qkv(self, i, h, s):
         c_attn = self.blocks[i][1]

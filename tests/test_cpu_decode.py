@@ -208,3 +208,52 @@ def test_retain_heap(monkeypatch):
     monkeypatch.delenv("FDPG_MALLOC")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     assert "environment" in native._tune_heap()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])
+def test_native_forward_equals_the_torch_forward(monkeypatch, threads, act):
+    """The scoring forward in one native call (no autograd: the prior's pass) against fdpg's torch forward, float64:
+    left-padded and unpadded rows, rows split over threads; positions past the padding compared."""
+    from fdpg.decode import hidden_states
+
+    torch.set_num_threads(threads)
+    try:
+        model = gpt2(act, seed=2)
+        B = 7
+        ids, mask = contexts("padded", B)
+        plain = torch.randint(0, V, (B, 9), generator=torch.Generator().manual_seed(3))
+        calls = []
+        real = native.forward
+        monkeypatch.setattr(native, "forward", lambda *a: calls.append(1) or real(*a))
+        for x, m in ((ids, mask), (plain, None)):
+            with torch.no_grad():
+                got = hidden_states(model, x, m)
+                monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+                want = hidden_states(model, x, m)
+                monkeypatch.delenv("FDPG_CPU_DECODE")
+            keep = torch.ones_like(x, dtype=torch.bool) if m is None else m
+            torch.testing.assert_close(got[keep], want[keep], atol=1e-12, rtol=1e-12)
+            assert bool(torch.isfinite(got).all())
+        assert len(calls) == 4                     # both passes ask it (FDPG_CPU_DECODE=0: it answers None)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_native_forward_only_without_autograd():
+    """With autograd wanted (the policy's scoring pass), under autocast, or in half precision the torch forward runs."""
+    from fdpg.decode import _GPT2
+
+    model = gpt2(dtype=torch.float32)
+    ids = torch.randint(0, V, (3, 5))
+    dec = _GPT2(model, 3, 5)
+    seen = []
+    dec._native_forward = lambda x: seen.append(native.forward(dec, x))
+    dec.forward(ids, None)                                    # grad enabled, weights require grad
+    with torch.no_grad():
+        dec.forward(ids, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dec.forward(ids, None)
+    assert seen[0] is None and seen[1] is not None and seen[2] is None
+    h = seen[1]
+    assert h.shape == (3, 5, 48) and h.dtype == torch.float32
