@@ -180,12 +180,20 @@ static real *rec_at(const Ctx *c, int k, int64_t i, int64_t n, int64_t b0, int64
 
 enum { BM = 64 / (int)sizeof(real) };   /* rows per attention block: one 64-byte vector of reals */
 
+/* BM reals as one vector register (GCC's vector extension: the accumulators below stay in registers) */
+typedef real vreal __attribute__((vector_size(BM * sizeof(real))));
+static inline vreal vload(const real *p) {
+    vreal v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 /* Single-query attention of rows m0..m0+M of the thread's block (M <= BM) for head hh at slot n: the scores of the
- * n + 1 filled slots, their softmax and the weighted values, each accumulated in a BM-wide register block over the
- * head's dims (inlined with M = BM for the full blocks, so the compiler keeps the block in a vector register). q,
+ * n + 1 filled slots, their softmax and the weighted values, each accumulated in a BM-wide block over the head's
+ * dims (attend_full: the full blocks, in vector registers). q,
  * k, v: the head's first dim of the query row, and of slot 0's key and value, each dim at stride B, slots at
  * stride ls; valid: [B, S] or NULL; sc: (n + 1) * BM scratch; o: the output rows, dim j at o + j * nb. */
-static inline __attribute__((always_inline)) void attend_block(
+static void attend_block(
     int64_t M, int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
     const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
     real mx[BM], sum[BM];
@@ -226,6 +234,41 @@ static inline __attribute__((always_inline)) void attend_block(
     }
 }
 
+/* attend_block for a full block of BM rows, its accumulators vectors (as arrays the compiler kept them on the stack,
+ * a store and a load every iteration) */
+static void attend_full(int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
+                        const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
+    real mx[BM], sum[BM];
+    for (int64_t m = 0; m < BM; m++) mx[m] = -INFINITY, sum[m] = 0;
+    for (int64_t t = 0; t <= n; t++) {
+        vreal a = {0};
+        const real *kt = k + t * ls;
+        for (int64_t j = 0; j < hd; j++) a += vload(q + j * B) * vload(kt + j * B);
+        real *restrict st = sc + t * BM;
+        memcpy(st, &a, sizeof a);
+#pragma omp simd
+        for (int64_t m = 0; m < BM; m++) {
+            st[m] = (valid && !valid[m * S + t]) ? -INFINITY : st[m] * scale;
+            mx[m] = st[m] > mx[m] ? st[m] : mx[m];
+        }
+    }
+    for (int64_t t = 0; t <= n; t++) {
+        real *restrict st = sc + t * BM;
+#pragma omp simd
+        for (int64_t m = 0; m < BM; m++) {
+            st[m] = r_exp(st[m] - mx[m]);
+            sum[m] += st[m];
+        }
+    }
+    const vreal inv = (real)1 / vload(sum);
+    for (int64_t j = 0; j < hd; j++) {
+        vreal a = {0};
+        for (int64_t t = 0; t <= n; t++) a += vload(sc + t * BM) * vload(v + t * ls + j * B);
+        a *= inv;
+        memcpy(o + j * nb, &a, sizeof a);
+    }
+}
+
 static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t n) {
     const int64_t B = c->B, d = c->d, H = c->H, hd = d / H, nb = wk->nb, b0 = wk->b0, ls = 3 * d * B;
     const real *layer = (const real *)P(c, P_SLAB) + i * c->S * 3 * d * B;
@@ -238,7 +281,7 @@ static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t 
             const uint8_t *vl = valid ? valid + (b0 + m0) * c->S : NULL;
             real *o = bf->o + (hh * hd) * nb + m0;
             if (nb - m0 >= BM)
-                attend_block(BM, n, hd, B, ls, q, k, v, vl, c->S, scale, bf->sc, o, nb);
+                attend_full(n, hd, B, ls, q, k, v, vl, c->S, scale, bf->sc, o, nb);
             else
                 attend_block(nb - m0, n, hd, B, ls, q, k, v, vl, c->S, scale, bf->sc, o, nb);
         }
@@ -500,14 +543,6 @@ int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr)
  * MKL per thread). */
 enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_N };
 enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
-
-/* BM reals as one vector register (GCC's vector extension: the accumulators below stay in registers) */
-typedef real vreal __attribute__((vector_size(BM * sizeof(real))));
-static inline vreal vload(const real *p) {
-    vreal v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* x += y + bias, rows of n (contiguous) */
 static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
