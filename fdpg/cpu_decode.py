@@ -212,6 +212,8 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     _, _, fn, gemm, set_threads = _load(dec.wdtype)
     B, s = ids.shape
     ids = ids.contiguous()
+    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < dec.wte.shape[0]):
+        return None                         # a token id out of the vocabulary: the torch forward raises on it
     valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
     out = torch.empty(B, s, dec.d, dtype=dec.wdtype)
     dims = [dec.n_layer, B, s, dec.d, dec.n_head, dec.blocks[0][4].weight.shape[1],

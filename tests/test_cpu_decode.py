@@ -257,3 +257,9 @@ def test_native_forward_only_without_autograd():
     assert seen[0] is None and seen[1] is not None and seen[2] is None
     h = seen[1]
     assert h.shape == (3, 5, 48) and h.dtype == torch.float32
+    bad = ids.clone()
+    bad[1, 2] = V                                             # out of the vocabulary: never read natively
+    with torch.no_grad():
+        with pytest.raises(IndexError):
+            dec.forward(bad, None)
+    assert seen[-1] is None
