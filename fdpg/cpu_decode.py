@@ -149,6 +149,14 @@ def _model_reason(dec, extra: list) -> str | None:
     return None
 
 
+def _norms_and_scales(dec) -> list:
+    """cpu_decode.c's fp: the final norm's eps, then each layer's ln_1 and ln_2 eps and attention scale."""
+    fp = [dec.final_norm.eps]
+    for i, blk in enumerate(dec.blocks):
+        fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
+    return fp
+
+
 def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pad: int, stop_check_every: int,
         generator: torch.Generator | None):
     """The sampling pass of ``dec`` after its prefill (``logits [B, V]``: the prefill's), as the Python loop of
@@ -170,9 +178,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     keep = [u, tokens, lps, logits, valid]                              # alive during the call
     dims = [L, B, S, dec.d, dec.n_head, F, V, _ACT[type(dec.blocks[0][5]).__name__], dec.n, max_length,
             -1 if eos_token_id is None else eos_token_id, pad, stop_check_every, torch.get_num_threads()]
-    fp = [dec.final_norm.eps]
-    for i, blk in enumerate(dec.blocks):
-        fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
+    fp = _norms_and_scales(dec)
 
     def ptr(t):
         return None if t is None else t.data_ptr()
@@ -218,9 +224,7 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(B, s, dec.d, dtype=dec.wdtype)
     dims = [dec.n_layer, B, s, dec.d, dec.n_head, dec.blocks[0][4].weight.shape[1],
             _ACT[type(dec.blocks[0][5]).__name__], torch.get_num_threads()]
-    fp = [dec.final_norm.eps]
-    for i, blk in enumerate(dec.blocks):
-        fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
+    fp = _norms_and_scales(dec)
     keep = [ids, valid, out]                                              # alive during the call
     ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
                                                         dec.final_norm.bias)] + [gemm, set_threads]
