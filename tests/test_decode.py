@@ -410,10 +410,11 @@ def test_a_decoding_step_is_few_ops(name, per_layer):
     assert counts[1] - counts[0] <= per_layer, counts
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("mode", [dict(), dict(static=True)])
-def test_fused_norm_steps(name, mode, monkeypatch):
-    """Steps with each residual add, norm and cast in one Triton kernel (a GPU's default; here under the
+def test_fused_norm_steps(name, mode, dev, monkeypatch):
+    """Steps with each residual add, norm and cast in one Triton kernel (a GPU's default; on CPU tensors under the
     interpreter): the model's forward in float32, and the unfused steps to bf16 rounding under autocast with the
     weights cast for the pass."""
     pytest.importorskip("triton")
@@ -423,11 +424,10 @@ def test_fused_norm_steps(name, mode, monkeypatch):
 
     model, B, T = get(name), 6, 4
     ids, mask = contexts("padded", B)
-    if torch.cuda.is_available():                                  # the real kernel (and a GPU's autocast)
+    if dev == "cuda":                                              # the real kernel (and a GPU's autocast)
         model, ids, mask = copy.deepcopy(model).cuda(), ids.cuda(), mask.cuda()
     elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
-    dev = ids.device.type
     P = ids.shape[1]
     toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(5)).to(ids.device)
     with torch.no_grad():

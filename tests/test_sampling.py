@@ -254,21 +254,30 @@ def test_autocast_pass_casts_the_gemm_weights_once(family, monkeypatch):
     assert all(torch.equal(p, q) and p.dtype == torch.float32 for p, q in zip(m.parameters(), before))
 
 
-@pytest.mark.parametrize("kw", [dict(eos_token_id=0), dict(eos_token_id=0, stop_check_every=3),
-                                dict(eos_token_id=None), dict(eos_token_id=0, padded=True)])
-def test_fused_draw_samples_as_the_torch_draw(model, kw, monkeypatch):
-    """The sampling loop's draw in one Triton kernel (a GPU's default; here under the interpreter) against
-    _draw's torch ops and the loop's masking: the same tokens, mask and generator state, log-probs to float32
-    rounding. Hugging Face's forward (fast=False): GPT-2 on the CPU would take the native loop."""
+# the Triton draw on CPU tensors (the interpreter, in CI) and on a GPU (the gpu marker: the GPU session's tests)
+DRAW_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _triton_on(dev):
     import os
 
+    pytest.importorskip("triton")
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+
+
+@pytest.mark.parametrize("dev", DRAW_DEVICES)
+@pytest.mark.parametrize("kw", [dict(eos_token_id=0), dict(eos_token_id=0, stop_check_every=3),
+                                dict(eos_token_id=None), dict(eos_token_id=0, padded=True)])
+def test_fused_draw_samples_as_the_torch_draw(model, kw, dev, monkeypatch):
+    """The sampling loop's draw in one Triton kernel (a GPU's default) against _draw's torch ops and the loop's
+    masking: the same tokens, mask and generator state, log-probs to float32 rounding. Hugging Face's forward
+    (fast=False): GPT-2 on the CPU would take the native loop."""
     import fdpg.sampling as S
 
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
-    pytest.importorskip("triton")
+    _triton_on(dev)
     kw = dict(kw)
-    B, dev = 40, "cuda" if torch.cuda.is_available() else "cpu"
+    B = 40
     m = model.to(dev)
     if kw.pop("padded", False):
         g = torch.Generator().manual_seed(9)
@@ -291,18 +300,14 @@ def test_fused_draw_samples_as_the_torch_draw(model, kw, monkeypatch):
     model.to("cpu")
 
 
+@pytest.mark.parametrize("dev", DRAW_DEVICES)
 @pytest.mark.filterwarnings("ignore:invalid value encountered")      # the interpreter's numpy on the NaN row
-def test_fused_draw_kernel_edges():
+def test_fused_draw_kernel_edges(dev):
     """kernels/sampling.draw on rows the loop can meet: -inf logits (never drawn), one token, a vocabulary over
     several tiles (odd size), half-precision logits, strided rows, NaN/+inf rows (token 0, NaN), EOS bookkeeping."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
-    pytest.importorskip("triton")
+    _triton_on(dev)
     from fdpg.kernels.sampling import draw
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     for V, dt in ((1, torch.float32), (7, torch.float32), (2049, torch.float32), (3001, torch.bfloat16),
                   (1000, torch.float16)):
