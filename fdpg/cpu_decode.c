@@ -541,7 +541,7 @@ int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr)
  * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
  * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
  * MKL per thread). */
-enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_N };
+enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_N };
 enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
 
 /* x += y + bias, rows of n (contiguous) */
@@ -655,7 +655,12 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
         const int one = 1;
         const int prev = c.set_threads ? c.set_threads(&one) : 0;
         const int64_t b0 = w * B / n, b1 = (w + 1) * B / n;
-        if (b1 > b0) failed |= forward_rows(&c, dims, fp, ptr, b0, b1 - b0) != 0;
+        /* rows in chunks whose buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) stay within
+         * dims[F_CHUNK] bytes: a long or wide model does not take several buffers of the whole batch at once */
+        const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
+        const int64_t chunk = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
+        for (int64_t b = b0; b < b1 && !failed; b += chunk)
+            failed |= forward_rows(&c, dims, fp, ptr, b, b1 - b < chunk ? b1 - b : chunk) != 0;
         if (c.set_threads) c.set_threads(&prev);
     }
     return failed ? -1 : 0;

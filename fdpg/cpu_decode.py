@@ -33,7 +33,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
 _N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 21, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
-_N_FDIMS, _N_FPTRS = 8, 9                         # as F_N and Q_LAYERS (fdpg_forward)
+_N_FDIMS, _N_FPTRS = 9, 9                         # as F_N and Q_LAYERS (fdpg_forward)
+FORWARD_CHUNK_BYTES = 64 << 20   # the native forward's working buffers per thread, about: rows go through in chunks
 _lock = threading.Lock()
 _libs: dict = {}                                  # dtype -> the loaded function, or the reason there is none
 
@@ -205,8 +206,9 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
 def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     """The final-norm hidden states ``[B, s, d]`` of ``ids [B, s]`` through GPT-2 decoder ``dec``'s layers in one
     native call (``dec`` set up by its scoring forward: ``dec.pe``, ``dec.valid``), as that forward computes them
-    to float rounding; None where the native code cannot take it: autograd wanted, autocast, another device or
-    dtype, or the library unavailable (the caller runs the torch forward)."""
+    to float rounding, a thread's rows in chunks of about ``FORWARD_CHUNK_BYTES`` of working memory; None where the
+    native code cannot take it: autograd wanted, autocast, another device or dtype, a token id out of the
+    vocabulary, the library unavailable or its buffers not allocatable (the caller runs the torch forward)."""
     if type(dec).__name__ != "_GPT2" or dec.dev.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return None
     weights = [w for blk in dec.blocks for w in _layer_weights(blk)]
@@ -223,17 +225,16 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
     out = torch.empty(B, s, dec.d, dtype=dec.wdtype)
     dims = [dec.n_layer, B, s, dec.d, dec.n_head, dec.blocks[0][4].weight.shape[1],
-            _ACT[type(dec.blocks[0][5]).__name__], torch.get_num_threads()]
+            _ACT[type(dec.blocks[0][5]).__name__], torch.get_num_threads(), FORWARD_CHUNK_BYTES]
     fp = _norms_and_scales(dec)
     keep = [ids, valid, out]                                              # alive during the call
     ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
                                                         dec.final_norm.bias)] + [gemm, set_threads]
     ptrs += [t.data_ptr() for t in weights]
     assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + _W_PER_LAYER * dec.n_layer
-    if _call(fn, dims, fp, ptrs) != 0:
-        raise MemoryError("fdpg.cpu_decode: the native forward could not allocate its buffers")
+    failed = _call(fn, dims, fp, ptrs) != 0     # its buffers could not be allocated: the torch forward runs
     del keep
-    return out
+    return None if failed else out
 
 
 def _call(fn, dims, fp, ptrs) -> int:

@@ -210,13 +210,15 @@ def test_retain_heap(monkeypatch):
     assert "environment" in native._tune_heap()
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads,chunk", [(1, 64 << 20), (3, 64 << 20), (2, 1)])
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])
-def test_native_forward_equals_the_torch_forward(monkeypatch, threads, act):
+def test_native_forward_equals_the_torch_forward(monkeypatch, threads, chunk, act):
     """The scoring forward in one native call (no autograd: the prior's pass) against fdpg's torch forward, float64:
-    left-padded and unpadded rows, rows split over threads; positions past the padding compared."""
+    left-padded and unpadded rows, rows split over threads (and in chunks of one row); positions past the padding
+    compared."""
     from fdpg.decode import hidden_states
 
+    monkeypatch.setattr(native, "FORWARD_CHUNK_BYTES", chunk)
     torch.set_num_threads(threads)
     try:
         model = gpt2(act, seed=2)
