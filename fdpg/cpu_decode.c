@@ -22,7 +22,13 @@
  *   u           [max_length, B] float64 uniforms; tokens_out [B, max_length] int64; lp_out [B, max_length] float32
  */
 #include <math.h>
+#ifdef FDPG_NO_OPENMP   /* a compiler without OpenMP (fdpg/cpu_decode.py retries so): one thread, pragmas ignored */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#else
 #include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

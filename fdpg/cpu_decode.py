@@ -10,7 +10,8 @@ that torch links (MKL's ``sgemm_``/``dgemm_``, single-threaded per thread). It c
 float rounding.
 
 The library is compiled at first use with the C compiler (``$CC``, else ``cc``/``gcc``; about a second, no torch
-headers) into ``$FDPG_CACHE_DIR`` (default ``~/.cache/fdpg``), keyed by the source, the flags and the CPU.
+headers) into ``$FDPG_CACHE_DIR`` (default ``~/.cache/fdpg``), keyed by the source, the flags and the CPU; with
+OpenMP (its threads those of the libgomp torch loaded), else single-threaded.
 ``FDPG_CPU_DECODE=0`` turns it off; without a compiler, or with a torch whose BLAS is not MKL, sampling takes the
 Python loop (:func:`unavailable_reason` says why).
 """
@@ -62,9 +63,18 @@ def _cpu_key() -> str:
 
 
 def _compile(cc: str, double: bool) -> str:
+    """The library's path, built for ``double`` or float reals; with OpenMP (the threads of the libgomp torch
+    loaded), else, where the compiler has none, single-threaded (``-DFDPG_NO_OPENMP``)."""
+    try:
+        return _compile_with(cc, _FLAGS + (["-DFDPG_DOUBLE"] if double else []), double)
+    except OSError:
+        flags = [f for f in _FLAGS if f != "-fopenmp"] + ["-fopenmp-simd", "-DFDPG_NO_OPENMP"]
+        return _compile_with(cc, flags + (["-DFDPG_DOUBLE"] if double else []), double)
+
+
+def _compile_with(cc: str, flags: list, double: bool) -> str:
     with open(_SRC, "rb") as f:
         src = f.read()
-    flags = _FLAGS + (["-DFDPG_DOUBLE"] if double else [])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(src + repr((flags, version, _cpu_key())).encode()).hexdigest()[:16]
     cache = os.environ.get("FDPG_CACHE_DIR") or os.path.join(

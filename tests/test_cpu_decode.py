@@ -265,3 +265,31 @@ def test_native_forward_only_without_autograd():
         with pytest.raises(IndexError):
             dec.forward(bad, None)
     assert seen[-1] is None
+
+
+def test_builds_without_openmp(monkeypatch, tmp_path):
+    """Where the compiler has no OpenMP the library is built single-threaded (-DFDPG_NO_OPENMP) and computes the
+    same: the sampling pass and the native forward against the Python loop and the torch forward."""
+    from fdpg.decode import hidden_states
+
+    real = native._compile_with
+
+    def no_openmp(cc, flags, double):
+        if "-fopenmp" in flags:
+            raise OSError("cc: unsupported option '-fopenmp'")
+        return real(cc, flags, double)
+
+    monkeypatch.setattr(native, "_compile_with", no_openmp)
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setenv("FDPG_CACHE_DIR", str(tmp_path))
+    model = gpt2()
+    a, ua, b, ub = both(monkeypatch, model, 5, 6, eos_token_id=0)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(ua, ub)
+    torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=1e-6, rtol=0)          # (float32 draws)
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = hidden_states(model, ids)
+        monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+        want = hidden_states(model, ids)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert len(list(tmp_path.glob("cpu_decode_f64_*.so"))) == 1                         # the fallback build
