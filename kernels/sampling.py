@@ -6,9 +6,9 @@ with the end-of-sequence bookkeeping of the sampling loop folded in, is about a 
 test and the ``done`` update). :func:`draw` is one launch, one program per row:
 
 - pass 1 over the vocabulary: the online max ``m`` and ``s = sum(exp(z - m))`` in float32;
-- pass 2, stopping at the token: ``e = exp(z - m)`` summed in float64 until the running sum exceeds ``u * s``;
-  the token is the first index where it does (the last index with ``e > 0`` where rounding leaves the target
-  unreached), so a token of probability 0 is never drawn;
+- pass 2: ``e = exp(z - m)`` summed in float64 along the row; the token is the first index where the running sum
+  exceeds ``u * s`` (the last index with ``e > 0`` where rounding leaves the target unreached), so a token of
+  probability 0 is never drawn (every tile is visited: a loop without an early exit is software-pipelined);
 - ``log p = z[token] - m - log(s)``; rows already done get ``pad`` and log-prob 0, and ``done |= token == eos``.
 
 The same distribution as ``_draw`` to rounding (its softmax divides before summing, this sums before dividing).
@@ -45,8 +45,7 @@ def _draw_kernel(Z, stride_z, U, TOK, LP, DONE, V, pad, eos, HAS_EOS: tl.constex
     cum = tl.zeros((), tl.float64)
     tok = tl.full((), -1, tl.int64)
     last = tl.zeros((), tl.int64)                                    # the last index with e > 0 so far
-    start = 0
-    while (start < V) & (tok < 0):
+    for start in range(0, V, BLOCK):     # every tile (a loop without an early exit is software-pipelined)
         idx = start + cols
         ok = idx < V
         x = tl.load(z_row + idx, mask=ok, other=float("-inf")).to(tl.float32)
@@ -54,10 +53,9 @@ def _draw_kernel(Z, stride_z, U, TOK, LP, DONE, V, pad, eos, HAS_EOS: tl.constex
         c = cum + tl.cumsum(e, axis=0)
         hit = ok & (c > target)
         first = tl.min(tl.where(hit, idx, V), axis=0).to(tl.int64)
-        tok = tl.where(first < V, first, tok)
+        tok = tl.where((tok < 0) & (first < V), first, tok)
         last = tl.maximum(last, tl.max(tl.where(e > 0, idx, 0), axis=0).to(tl.int64))
         cum += tl.sum(e, axis=0)
-        start += BLOCK
     tok = tl.where(tok < 0, last, tok)
     lp = tl.load(z_row + tok).to(tl.float32) - m - tl.log(s)
     tok = tl.where(bad != 0, 0, tok)
