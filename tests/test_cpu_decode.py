@@ -293,3 +293,32 @@ def test_builds_without_openmp(monkeypatch, tmp_path):
         want = hidden_states(model, ids)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert len(list(tmp_path.glob("cpu_decode_f64_*.so"))) == 1                         # the fallback build
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
+    """Head dims that are not a multiple of the vector width (15, 5; one and several vectors), positions past one
+    vector of keys (33), a left-padded row: the native forward against the torch forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fdpg.decode import hidden_states
+
+    torch.set_num_threads(2)
+    try:
+        for d, H, s in ((60, 4, 9), (20, 4, 33)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(d)
+                m = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=40, n_embd=d, n_layer=2, n_head=H,
+                                               initializer_range=0.3, bos_token_id=1, eos_token_id=0))
+            m = m.eval().to(dtype)
+            ids = torch.randint(0, V, (3, s), generator=torch.Generator().manual_seed(s))
+            mask = torch.ones(3, s, dtype=torch.bool)
+            mask[1, :s // 2] = False
+            with torch.no_grad():
+                got = hidden_states(m, ids, mask)
+                monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+                want = hidden_states(m, ids, mask)
+                monkeypatch.delenv("FDPG_CPU_DECODE")
+            torch.testing.assert_close(got[mask], want[mask], atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(1)
