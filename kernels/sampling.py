@@ -8,12 +8,14 @@ test and the ``done`` update). :func:`draw` is one launch, one program per row:
 - pass 1 over the vocabulary: the online max ``m`` and ``s = sum(exp(z - m))`` in float32;
 - pass 2: ``e = exp(z - m)`` summed in float64 along the row; the token is the first index where the running sum
   exceeds ``u * s`` (the last index with ``e > 0`` where rounding leaves the target unreached), so a token of
-  probability 0 is never drawn (every tile is visited: a loop without an early exit is software-pipelined);
+  probability 0 is never drawn (every tile is visited: a loop without an early exit has its loads pipelined);
 - ``log p = z[token] - m - log(s)``; rows already done get ``pad`` and log-prob 0, and ``done |= token == eos``.
 
 The same distribution as ``_draw`` to rounding (its softmax divides before summing, this sums before dividing).
 A row holding a NaN or +inf logit draws token 0 with log-prob NaN (as the CPU loop), for the caller to raise on.
-No libdevice (the interpreter runs it on CPU tensors in the tests).
+Both passes load their tiles ``STAGES`` ahead (``tl.range(..., num_stages)``: ``cp.async`` on sm_80+): one program
+a row walks a whole vocabulary, so its loads must not wait on each other. No libdevice (the interpreter runs it
+on CPU tensors in the tests).
 """
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ __all__ = ["draw"]
 
 
 @triton.jit
-def _draw_kernel(Z, stride_z, U, TOK, LP, DONE, V, pad, eos, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr):
+def _draw_kernel(Z, stride_z, U, TOK, LP, DONE, V, pad, eos, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
     cols = tl.arange(0, BLOCK)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     bad = tl.zeros((), tl.int32)
-    for start in range(0, V, BLOCK):
+    for start in tl.range(0, V, BLOCK, num_stages=STAGES):
         ok = start + cols < V
         x = tl.load(z_row + start + cols, mask=ok, other=float("-inf")).to(tl.float32)
         bad |= tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
@@ -45,7 +48,7 @@ def _draw_kernel(Z, stride_z, U, TOK, LP, DONE, V, pad, eos, HAS_EOS: tl.constex
     cum = tl.zeros((), tl.float64)
     tok = tl.full((), -1, tl.int64)
     last = tl.zeros((), tl.int64)                                    # the last index with e > 0 so far
-    for start in range(0, V, BLOCK):     # every tile (a loop without an early exit is software-pipelined)
+    for start in tl.range(0, V, BLOCK, num_stages=STAGES):     # every tile: no early exit, the loads pipelined
         idx = start + cols
         ok = idx < V
         x = tl.load(z_row + idx, mask=ok, other=float("-inf")).to(tl.float32)
@@ -91,6 +94,6 @@ def draw(logits: torch.Tensor, u: torch.Tensor, done: torch.Tensor | None = None
         block = min(triton.next_power_of_2(V), 2048)
         flags = done.view(torch.int8) if eos is not None else tok
         _draw_kernel[(B,)](logits, logits.stride(0), u.contiguous(), tok, lp, flags, V, int(pad),
-                           -1 if eos is None else int(eos), HAS_EOS=eos is not None, BLOCK=block,
+                           -1 if eos is None else int(eos), HAS_EOS=eos is not None, BLOCK=block, STAGES=3,
                            num_warps=4 if block <= 1024 else 8)
     return tok, lp
