@@ -194,28 +194,17 @@ static inline vreal vload(const real *p) {
     return v;
 }
 
-/* Single-query attention of rows m0..m0+M of the thread's block (M <= BM) for head hh at slot n: the scores of the
- * n + 1 filled slots, their softmax and the weighted values, each accumulated in a BM-wide block over the head's
- * dims (attend_full: the full blocks, in vector registers). q,
- * k, v: the head's first dim of the query row, and of slot 0's key and value, each dim at stride B, slots at
- * stride ls; valid: [B, S] or NULL; sc: (n + 1) * BM scratch; o: the output rows, dim j at o + j * nb. */
-static void attend_block(
-    int64_t M, int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
-    const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
-    real mx[BM], sum[BM];
+/* The scores sc [n + 1, BM] of a block's first M rows (raw dot products) -> their softmax weights, unnormalised:
+ * masked slots out, scaled, exp(s - max); sum [BM] their sums per row */
+static inline void block_softmax(int64_t M, int64_t n, const uint8_t *valid, int64_t S, real scale,
+                                 real *restrict sc, real *restrict sum) {
+    real mx[BM];
     for (int64_t m = 0; m < BM; m++) mx[m] = -INFINITY, sum[m] = 0;
     for (int64_t t = 0; t <= n; t++) {
-        real a[BM] = {0};
-        const real *kt = k + t * ls;
-        for (int64_t j = 0; j < hd; j++) {
-            const real *restrict qj = q + j * B, *restrict kj = kt + j * B;
-#pragma omp simd
-            for (int64_t m = 0; m < M; m++) a[m] += qj[m] * kj[m];
-        }
         real *restrict st = sc + t * BM;
 #pragma omp simd
         for (int64_t m = 0; m < M; m++) {
-            st[m] = (valid && !valid[m * S + t]) ? -INFINITY : a[m] * scale;
+            st[m] = (valid && !valid[m * S + t]) ? -INFINITY : st[m] * scale;
             mx[m] = st[m] > mx[m] ? st[m] : mx[m];
         }
     }
@@ -227,6 +216,27 @@ static void attend_block(
             sum[m] += st[m];
         }
     }
+}
+
+/* Single-query attention of rows m0..m0+M of the thread's block (M <= BM) for head hh at slot n: the scores of the
+ * n + 1 filled slots, their softmax and the weighted values, each accumulated in a BM-wide block over the head's
+ * dims (attend_full: the full blocks, in vector registers). q, k, v: the head's first dim of the query row, and of
+ * slot 0's key and value, each dim at stride B, slots at stride ls; valid: [B, S] or NULL; sc: (n + 1) * BM
+ * scratch; o: the output rows, dim j at o + j * nb. */
+static void attend_block(
+    int64_t M, int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
+    const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
+    real sum[BM];
+    for (int64_t t = 0; t <= n; t++) {
+        real *restrict st = sc + t * BM;
+        for (int64_t m = 0; m < M; m++) st[m] = 0;
+        for (int64_t j = 0; j < hd; j++) {
+            const real *restrict qj = q + j * B, *restrict kj = k + t * ls + j * B;
+#pragma omp simd
+            for (int64_t m = 0; m < M; m++) st[m] += qj[m] * kj[m];
+        }
+    }
+    block_softmax(M, n, valid, S, scale, sc, sum);
     for (int64_t j = 0; j < hd; j++) {
         real a[BM] = {0};
         for (int64_t t = 0; t <= n; t++) {
@@ -244,28 +254,13 @@ static void attend_block(
  * a store and a load every iteration) */
 static void attend_full(int64_t n, int64_t hd, int64_t B, int64_t ls, const real *q, const real *k, const real *v,
                         const uint8_t *valid, int64_t S, real scale, real *restrict sc, real *restrict o, int64_t nb) {
-    real mx[BM], sum[BM];
-    for (int64_t m = 0; m < BM; m++) mx[m] = -INFINITY, sum[m] = 0;
+    real sum[BM];
     for (int64_t t = 0; t <= n; t++) {
         vreal a = {0};
-        const real *kt = k + t * ls;
-        for (int64_t j = 0; j < hd; j++) a += vload(q + j * B) * vload(kt + j * B);
-        real *restrict st = sc + t * BM;
-        memcpy(st, &a, sizeof a);
-#pragma omp simd
-        for (int64_t m = 0; m < BM; m++) {
-            st[m] = (valid && !valid[m * S + t]) ? -INFINITY : st[m] * scale;
-            mx[m] = st[m] > mx[m] ? st[m] : mx[m];
-        }
+        for (int64_t j = 0; j < hd; j++) a += vload(q + j * B) * vload(k + t * ls + j * B);
+        memcpy(sc + t * BM, &a, sizeof a);
     }
-    for (int64_t t = 0; t <= n; t++) {
-        real *restrict st = sc + t * BM;
-#pragma omp simd
-        for (int64_t m = 0; m < BM; m++) {
-            st[m] = r_exp(st[m] - mx[m]);
-            sum[m] += st[m];
-        }
-    }
+    block_softmax(BM, n, valid, S, scale, sc, sum);
     const vreal inv = (real)1 / vload(sum);
     for (int64_t j = 0; j < hd; j++) {
         vreal a = {0};
