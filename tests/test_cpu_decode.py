@@ -42,6 +42,18 @@ def both(monkeypatch, model, B, T, **kw):
     return out
 
 
+def native_and_torch(monkeypatch, model, ids, mask=None):
+    """``hidden_states`` of ``ids`` without autograd through the native forward, then through the torch one."""
+    from fdpg.decode import hidden_states
+
+    with torch.no_grad():
+        got = hidden_states(model, ids, mask)
+        monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+        want = hidden_states(model, ids, mask)
+        monkeypatch.delenv("FDPG_CPU_DECODE")
+    return got, want
+
+
 def test_available_here():
     """CI's machine has a C compiler and torch's MKL: the native loop must load (or every comparison is vacuous)."""
     dec = decoder(gpt2(), 4, 8)
@@ -216,8 +228,6 @@ def test_native_forward_equals_the_torch_forward(monkeypatch, threads, chunk, ac
     """The scoring forward in one native call (no autograd: the prior's pass) against fdpg's torch forward, float64:
     left-padded and unpadded rows, rows split over threads (and in chunks of one row); positions past the padding
     compared."""
-    from fdpg.decode import hidden_states
-
     monkeypatch.setattr(native, "FORWARD_CHUNK_BYTES", chunk)
     torch.set_num_threads(threads)
     try:
@@ -229,11 +239,7 @@ def test_native_forward_equals_the_torch_forward(monkeypatch, threads, chunk, ac
         real = native.forward
         monkeypatch.setattr(native, "forward", lambda *a: calls.append(1) or real(*a))
         for x, m in ((ids, mask), (plain, None)):
-            with torch.no_grad():
-                got = hidden_states(model, x, m)
-                monkeypatch.setenv("FDPG_CPU_DECODE", "0")
-                want = hidden_states(model, x, m)
-                monkeypatch.delenv("FDPG_CPU_DECODE")
+            got, want = native_and_torch(monkeypatch, model, x, m)
             keep = torch.ones_like(x, dtype=torch.bool) if m is None else m
             torch.testing.assert_close(got[keep], want[keep], atol=1e-12, rtol=1e-12)
             assert bool(torch.isfinite(got).all())
@@ -270,8 +276,6 @@ def test_native_forward_only_without_autograd():
 def test_builds_without_openmp(monkeypatch, tmp_path):
     """Where the compiler has no OpenMP the library is built single-threaded (-DFDPG_NO_OPENMP) and computes the
     same: the sampling pass and the native forward against the Python loop and the torch forward."""
-    from fdpg.decode import hidden_states
-
     real = native._compile_with
 
     def no_openmp(cc, flags, double):
@@ -287,10 +291,7 @@ def test_builds_without_openmp(monkeypatch, tmp_path):
     assert torch.equal(a.tokens, b.tokens) and torch.equal(ua, ub)
     torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=1e-6, rtol=0)          # (float32 draws)
     ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        got = hidden_states(model, ids)
-        monkeypatch.setenv("FDPG_CPU_DECODE", "0")
-        want = hidden_states(model, ids)
+    got, want = native_and_torch(monkeypatch, model, ids)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert len(list(tmp_path.glob("cpu_decode_f64_*.so"))) == 1                         # the fallback build
 
@@ -301,7 +302,6 @@ def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
     vector of keys (33), a left-padded row: the native forward against the torch forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fdpg.decode import hidden_states
 
     torch.set_num_threads(2)
     try:
@@ -314,11 +314,7 @@ def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
             ids = torch.randint(0, V, (3, s), generator=torch.Generator().manual_seed(s))
             mask = torch.ones(3, s, dtype=torch.bool)
             mask[1, :s // 2] = False
-            with torch.no_grad():
-                got = hidden_states(m, ids, mask)
-                monkeypatch.setenv("FDPG_CPU_DECODE", "0")
-                want = hidden_states(m, ids, mask)
-                monkeypatch.delenv("FDPG_CPU_DECODE")
+            got, want = native_and_torch(monkeypatch, m, ids, mask)
             torch.testing.assert_close(got[mask], want[mask], atol=tol, rtol=tol)
     finally:
         torch.set_num_threads(1)
