@@ -302,7 +302,6 @@ def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
     vector of keys (33), a left-padded row: the native forward against the torch forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-
     torch.set_num_threads(2)
     try:
         for d, H, s in ((60, 4, 9), (20, 4, 33)):
