@@ -666,3 +666,194 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     }
     return failed ? -1 : 0;
 }
+
+/* ---- attention with autograd (the policy's replay and scoring passes): forward and backward -----------------
+ *
+ * fdpg_attention: causal attention of q [B, s, H, hd] over k, v [B, s, Hkv, hd] (H a multiple of Hkv: GQA), every
+ * tensor at the strides given (b, t, head, e: the slab's views, batch innermost, and packed QKV outputs read in
+ * place), under the mask of fdpg.decode's scoring forward: with valid [B, s] (uint8, NULL: no padding) a query
+ * attends to the valid keys at or before it and a padding query to itself only. Forward: o, and lse [B, H, s]
+ * (each query's log-sum-exp of its scaled scores, for the backward). Backward (flash attention's): the scores'
+ * softmax recomputed from lse, dq, dk and dv from do and o. One work item per (KV head, row), KV-head-major
+ * (consecutive items read the same cache lines of a batch-innermost slab): its keys and values gathered once into
+ * contiguous tiles (keys also transposed: a query's scores are vectors over the keys) for its G query heads, and
+ * dk, dv accumulated there (no two items write the same element). */
+enum { A_MODE, A_B, A_S, A_H, A_HKV, A_HD, A_THREADS, A_STRIDES };
+enum { T_Q, T_K, T_V, T_O, T_DO, T_DQ, T_DK, T_DV, T_N };   /* ptr order; each has 4 strides from A_STRIDES */
+enum { T_LSE = T_N, T_VALID, A_NPTR };
+
+typedef struct {
+    const int64_t *st;         /* [T_N][4] strides in reals */
+    void *const *ptr;
+} Views;
+
+static inline real *at(const Views *w, int k, int64_t b, int64_t t, int64_t h) {
+    const int64_t *st = w->st + 4 * k;
+    return (real *)w->ptr[k] + b * st[0] + t * st[1] + h * st[2];
+}
+
+/* the keys a query t may attend to, 0 .. t, as scores sc[0 .. t] (scaled) with the masked ones at -inf */
+static inline void mask_scores(const uint8_t *valid, int64_t t, real *restrict sc) {
+    if (!valid) return;
+    const int own = !valid[t];
+    for (int64_t j = 0; j < t; j++)
+        if (own || !valid[j]) sc[j] = -INFINITY;
+}
+
+static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+
+enum { QB = 4 };   /* queries per block: the loads of a key (value) vector shared by QB register accumulators */
+
+/* sc[r, 0 .. np) (row stride sp) = the scores of the QB queries q_[r, 0 .. hd) (row stride hdp) against the keys
+ * kt [hd, sp] (transposed), np a multiple of BM */
+static inline void block_scores(const real *restrict q_, int64_t hdp, const real *restrict kt, int64_t hd,
+                                int64_t sp, int64_t np, real *restrict sc) {
+    for (int64_t j0 = 0; j0 < np; j0 += BM) {
+        vreal a[QB] = {{0}};
+        for (int64_t e = 0; e < hd; e++) {
+            const vreal k = vload(kt + e * sp + j0);
+            for (int r = 0; r < QB; r++) a[r] += q_[r * hdp + e] * k;
+        }
+        for (int r = 0; r < QB; r++) vstore(sc + r * sp + j0, a[r]);
+    }
+}
+
+/* out_r[e] = scale_r * sum_j w[r, j] rows[j, e] for the first nr of the QB rows, e < hd (w: row stride sp; rows
+ * [n, hdp]); out_r = out + r * ort, its dims at stride oe */
+static inline void block_weighted(const real *restrict w, int64_t sp, const real *restrict rows, int64_t n,
+                                  int64_t hd, int64_t hdp, const real *scale, int64_t nr, real *restrict out,
+                                  int64_t ort, int64_t oe) {
+    for (int64_t e0 = 0; e0 < hd; e0 += BM) {
+        vreal a[QB] = {{0}};
+        for (int64_t j = 0; j < n; j++) {
+            const vreal v = vload(rows + j * hdp + e0);
+            for (int r = 0; r < QB; r++) a[r] += w[r * sp + j] * v;
+        }
+        const int64_t ne = hd - e0 < BM ? hd - e0 : BM;
+        for (int64_t r = 0; r < nr; r++)
+            for (int64_t e = 0; e < ne; e++) out[r * ort + (e0 + e) * oe] = a[r][e] * scale[r];
+    }
+}
+
+static int attention_items(const int64_t *dims, const double *fp, void *const *ptr, int64_t i0, int64_t i1) {
+    const int64_t bwd = dims[A_MODE], B = dims[A_B], s = dims[A_S], H = dims[A_H], Hkv = dims[A_HKV];
+    const int64_t hd = dims[A_HD], G = H / Hkv, sp = (s + BM - 1) / BM * BM, hdp = (hd + BM - 1) / BM * BM;
+    const Views w = {dims + A_STRIDES, ptr};
+    const int64_t *st = w.st;
+    const real scale = (real)fp[0];
+    /* kt, vt [hd, sp]: keys, values transposed (vt: backward); vv, kk, dk, dv [s, hdp]: values, keys, their
+     * gradients (kk, dk, dv: backward); sc, dp [QB, sp]: a query block's scores (then probabilities) and dP (then
+     * dS); q_, do_ [QB, hdp]: its queries (scaled) and output gradients; every padding zero */
+    const size_t n_buf = (size_t)hd * sp + (size_t)s * hdp + 2 * (size_t)QB * (sp + hdp) +
+                         (bwd ? (size_t)hd * sp + 3 * (size_t)s * hdp : 0);
+    real *buf = calloc(n_buf, sizeof(real));
+    if (!buf) return -1;
+    real *kt = buf, *vv = kt + hd * sp, *sc = vv + s * hdp, *dp = sc + QB * sp, *q_ = dp + QB * sp;
+    real *do_ = q_ + QB * hdp, *vt = do_ + QB * hdp, *kk = vt + hd * sp, *dk = kk + s * hdp, *dv = dk + s * hdp;
+    const int64_t ke = st[4 * T_K + 3], ve = st[4 * T_V + 3], qe = st[4 * T_Q + 3], oe = st[4 * T_O + 3];
+    const int64_t qt_ = st[4 * T_Q + 1], ot_ = st[4 * T_O + 1], dqe = st[4 * T_DQ + 3], dqt = st[4 * T_DQ + 1];
+    for (int64_t it = i0; it < i1; it++) {
+        const int64_t g = it / B, b = it % B;
+        const uint8_t *valid = ptr[T_VALID] ? (const uint8_t *)ptr[T_VALID] + b * s : NULL;
+        for (int64_t j = 0; j < s; j++) {            /* (the padding of every tile stays zero from calloc) */
+            const real *kj = at(&w, T_K, b, j, g), *vj = at(&w, T_V, b, j, g);
+            for (int64_t e = 0; e < hd; e++) kt[e * sp + j] = kj[e * ke];
+            for (int64_t e = 0; e < hd; e++) vv[j * hdp + e] = vj[e * ve];
+            if (bwd) {
+                for (int64_t e = 0; e < hd; e++) kk[j * hdp + e] = kj[e * ke];
+                for (int64_t e = 0; e < hd; e++) vt[e * sp + j] = vj[e * ve];
+            }
+        }
+        if (bwd) memset(dk, 0, 2 * (size_t)s * hdp * sizeof(real));   /* dk and dv */
+        for (int64_t hh = g * G; hh < (g + 1) * G; hh++) {
+            real *lse = (real *)ptr[T_LSE] + (b * H + hh) * s;
+            const real *q0 = at(&w, T_Q, b, 0, hh);
+            for (int64_t t0 = 0; t0 < s; t0 += QB) {
+                /* queries t0 .. t0 + nr - 1 over keys 0 .. n - 1 (np: whole vectors) */
+                const int64_t nr = s - t0 < QB ? s - t0 : QB, n = t0 + nr, np = (n + BM - 1) / BM * BM;
+                for (int64_t r = 0; r < QB; r++)                 /* (rows past nr: zero) */
+                    for (int64_t e = 0; e < hd; e++) q_[r * hdp + e] = r < nr ? q0[(t0 + r) * qt_ + e * qe] * scale : 0;
+                block_scores(q_, hdp, kt, hd, sp, np, sc);
+                for (int64_t r = 0; r < nr; r++) {
+                    real *scr = sc + r * sp;
+                    for (int64_t j = t0 + r + 1; j < n; j++) scr[j] = -INFINITY;   /* (causal) */
+                    mask_scores(valid, t0 + r, scr);
+                }
+                if (!bwd) {
+                    real inv[QB] = {0};
+                    for (int64_t r = 0; r < nr; r++) {
+                        real *restrict scr = sc + r * sp, mx = -INFINITY, sum = 0;
+                        int nan = 0;                                /* (r_exp takes NaN to 0: keep it) */
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+                        for (int64_t j = 0; j < n; j++) {
+                            mx = scr[j] > mx ? scr[j] : mx;
+                            nan |= scr[j] != scr[j];
+                        }
+#pragma omp simd reduction(+ : sum)
+                        for (int64_t j = 0; j < n; j++) sum += (scr[j] = r_exp(scr[j] - mx));
+                        if (nan) mx = sum = NAN;
+                        inv[r] = (real)1 / sum;
+                        lse[t0 + r] = mx + (real)log((double)sum);
+                    }
+                    block_weighted(sc, sp, vv, n, hd, hdp, inv, nr, at(&w, T_O, b, t0, hh), ot_, oe);
+                    continue;
+                }
+                /* backward: p = exp(sc - lse); dP = do . v; dS = p (dP - do . o); dq = scale dS k; dk += dS q
+                 * (q scaled); dv += p do */
+                const real *o0 = at(&w, T_O, b, t0, hh), *do0 = at(&w, T_DO, b, t0, hh);
+                const int64_t de = st[4 * T_DO + 3], dt_ = st[4 * T_DO + 1];
+                real Dt[QB] = {0};
+                for (int64_t r = 0; r < QB; r++)
+                    for (int64_t e = 0; e < hd; e++) {
+                        do_[r * hdp + e] = r < nr ? do0[r * dt_ + e * de] : 0;
+                        Dt[r] += r < nr ? do_[r * hdp + e] * o0[r * ot_ + e * oe] : 0;
+                    }
+                block_scores(do_, hdp, vt, hd, sp, np, dp);
+                for (int64_t r = 0; r < QB; r++) {                  /* (rows past nr: p = dS = 0) */
+                    real *restrict scr = sc + r * sp, *restrict dpr = dp + r * sp;
+                    const real l = r < nr ? lse[t0 + r] : INFINITY, D = Dt[r];
+#pragma omp simd
+                    for (int64_t j = 0; j < n; j++) {
+                        scr[j] = r_exp(scr[j] - l);                 /* p (0 where masked) */
+                        dpr[j] = scr[j] * (dpr[j] - D);             /* dS */
+                    }
+                }
+                real scales[QB];
+                for (int r = 0; r < QB; r++) scales[r] = scale;
+                block_weighted(dp, sp, kk, n, hd, hdp, scales, nr, at(&w, T_DQ, b, t0, hh), dqt, dqe);
+                for (int64_t e0 = 0; e0 < hd; e0 += BM) {
+                    vreal qv[QB], dov[QB];
+                    for (int r = 0; r < QB; r++) qv[r] = vload(q_ + r * hdp + e0), dov[r] = vload(do_ + r * hdp + e0);
+                    for (int64_t j = 0; j < n; j++) {
+                        vreal a = vload(dk + j * hdp + e0), c = vload(dv + j * hdp + e0);
+                        for (int r = 0; r < QB; r++) a += dp[r * sp + j] * qv[r], c += sc[r * sp + j] * dov[r];
+                        vstore(dk + j * hdp + e0, a);
+                        vstore(dv + j * hdp + e0, c);
+                    }
+                }
+            }
+        }
+        if (bwd)
+            for (int64_t j = 0; j < s; j++) {
+                real *dkj = at(&w, T_DK, b, j, g), *dvj = at(&w, T_DV, b, j, g);
+                const int64_t dke = st[4 * T_DK + 3], dve = st[4 * T_DV + 3];
+                for (int64_t e = 0; e < hd; e++) dkj[e * dke] = dk[j * hdp + e];
+                for (int64_t e = 0; e < hd; e++) dvj[e * dve] = dv[j * hdp + e];
+            }
+    }
+    free(buf);
+    return 0;
+}
+
+int64_t fdpg_attention(const int64_t *dims, const double *fp, void *const *ptr) {
+    const int64_t items = dims[A_B] * dims[A_HKV];
+    int64_t nt = dims[A_THREADS] < 1 ? 1 : dims[A_THREADS];
+    if (nt > items) nt = items > 0 ? items : 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt) reduction(| : failed)
+    {
+        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+        failed |= attention_items(dims, fp, ptr, w * items / n, (w + 1) * items / n) != 0;
+    }
+    return failed ? -1 : 0;
+}

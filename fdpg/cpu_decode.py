@@ -1,5 +1,6 @@
 """The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 sampling pass after the prefill in one native call;
-and the no-grad scoring forward (the prior's pass, :func:`forward`) in another.
+the no-grad scoring forward (the prior's pass, :func:`forward`) in another; and causal attention with autograd
+(:func:`attention`: the policy's scoring pass and replay, a native forward and backward).
 
 On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
 Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
@@ -27,7 +28,7 @@ import threading
 
 import torch
 
-__all__ = ["run", "unavailable_reason", "forward", "activation", "retain_heap"]
+__all__ = ["run", "unavailable_reason", "forward", "activation", "attention", "retain_heap"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -105,7 +106,7 @@ def _load(dtype):
                     raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
                 gemm, threads = _blas()
                 lib = ctypes.CDLL(_compile(cc, dtype == torch.float64))
-                fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward]
+                fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward, lib.fdpg_attention]
                 for fn in fns:
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -175,7 +176,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     left as the loop leaves it (``T - 1`` steps fed). None when the native loop cannot run it (the caller loops)."""
     if unavailable_reason(dec) is not None:
         return None
-    fn, _, _, gemm, set_threads = _load(dec.wdtype)
+    fn, _, _, _, gemm, set_threads = _load(dec.wdtype)
     B, S, L = dec.B, dec.S, dec.n_layer
     V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
     gen = generator if generator is not None else torch.default_generator
@@ -227,7 +228,7 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
         return None
     if dec.wdtype not in (torch.float32, torch.float64) or _model_reason(dec, []) or _library_reason(dec.wdtype):
         return None
-    _, _, fn, gemm, set_threads = _load(dec.wdtype)
+    _, _, fn, _, gemm, set_threads = _load(dec.wdtype)
     B, s = ids.shape
     ids = ids.contiguous()
     if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < dec.wte.shape[0]):
@@ -276,6 +277,80 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     dims = [x.numel() // n, kind, n, torch.get_num_threads()]                  # as Job.dims in cpu_decode.c
     _call(_load(x.dtype)[1], dims, [], [x.data_ptr(), y.data_ptr()])
     return y
+
+
+def attention(qkv, valid: torch.Tensor | None, scale: float, n_head: int, n_kv: int) -> torch.Tensor | None:
+    """Causal attention with autograd under fdpg.decode's scoring mask (``valid [B, s]`` bool or None: a query
+    attends to the valid keys at or before it, a padding query to itself only), scores scaled by ``scale``:
+    ``[B, s, n_head * hd]``, a new contiguous tensor. ``qkv``: the tuple ``(q [B, s, n_head, hd], k, v [B, s,
+    n_kv, hd])``, or one tensor ``[B, s, n_head + 2 * n_kv, hd]`` holding them side by side (a fused QKV GEMM's
+    output: its gradient is then one tensor, not three stacked), at any strides. Forward and backward are each one
+    native call over (KV head, row) items on the CPU threads (flash attention's backward: the softmax recomputed
+    from each query's saved log-sum-exp). None where the native library cannot take it (another device, dtypes
+    other than float32/64, autocast; the caller runs its torch attention)."""
+    ts = qkv if isinstance(qkv, tuple) else (qkv,)
+    if torch.is_autocast_enabled("cpu") or not _native_ok(*(t.detach() for t in ts)):
+        return None
+    if valid is not None:
+        valid = valid.to(torch.uint8).contiguous()
+    return _Attention.apply(float(scale), n_head, n_kv, valid, *ts, *([None, None] if len(ts) == 1 else []))
+
+
+def _attention_views(q, k, v, n_head: int, n_kv: int) -> list:
+    """``[(tensor, element offset, strides (b, t, head, e))]`` of q, k, v (``k is None``: ``q`` packed)."""
+    if k is None:
+        st = q.stride()
+        return [(q, 0, st), (q, n_head * st[2], st), (q, (n_head + n_kv) * st[2], st)]
+    return [(t, 0, t.stride()) for t in (q, k, v)]
+
+
+def _attention_call(mode: int, views: list, valid, scale: float, n_head: int, n_kv: int):
+    """One ``fdpg_attention`` call; ``views``: (tensor, offset, strides) of q, k, v, o, do, dq, dk, dv (None: not
+    used), then the lse tensor."""
+    q = views[0][0]
+    B, s, _, hd = q.shape
+    dims = [mode, B, s, n_head, n_kv, hd, torch.get_num_threads()]
+    ptrs = []
+    for view in views[:-1]:
+        t, off, st = view if view is not None else (None, 0, (0, 0, 0, 0))
+        dims += list(st)
+        ptrs.append(None if t is None else t.data_ptr() + off * t.element_size())
+    ptrs += [views[-1].data_ptr(), None if valid is None else valid.data_ptr()]
+    if _call(_load(q.dtype)[3], dims, [scale], ptrs) != 0:
+        raise MemoryError("fdpg.cpu_decode.attention: could not allocate its per-thread buffers")
+
+
+class _Attention(torch.autograd.Function):
+    """:func:`attention`'s forward and backward (``k = v = None``: ``q`` is the packed QKV tensor)."""
+
+    @staticmethod
+    def forward(ctx, scale, n_head, n_kv, valid, q, k, v):
+        B, s, _, hd = q.shape
+        o = torch.empty(B, s, n_head, hd, dtype=q.dtype)
+        lse = torch.empty(B, n_head, s, dtype=q.dtype)
+        views = _attention_views(q, k, v, n_head, n_kv)
+        _attention_call(0, views + [(o, 0, o.stride()), None, None, None, None, lse], valid, scale, n_head, n_kv)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = scale, n_head, n_kv, valid
+        return o.view(B, s, n_head * hd)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        scale, n_head, n_kv, valid = ctx.args
+        B, s, _, hd = q.shape
+        do = do.reshape(o.shape)                                 # (read at its strides)
+        if k is None:
+            dqkv = torch.empty(B, s, n_head + 2 * n_kv, hd, dtype=q.dtype)
+            grads = _attention_views(dqkv, None, None, n_head, n_kv)
+            out = (dqkv, None, None)
+        else:
+            out = (torch.empty(B, s, n_head, hd, dtype=q.dtype), torch.empty(B, s, n_kv, hd, dtype=q.dtype),
+                   torch.empty(B, s, n_kv, hd, dtype=q.dtype))
+            grads = _attention_views(*out, n_head, n_kv)
+        views = _attention_views(q, k, v, n_head, n_kv) + [(o, 0, o.stride()), (do, 0, do.stride())]
+        _attention_call(1, views + grads + [lse], valid, scale, n_head, n_kv)
+        return None, None, None, None, *out
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters

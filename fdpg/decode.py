@@ -342,6 +342,10 @@ class _FastDecoder(Decoder):
         ``_BMM_MAX_LEN`` positions (SDPA's CPU kernel loops over (row, head) blocks: 2-3x slower forward and
         backward there), ``scaled_dot_product_attention`` elsewhere."""
         B, s, H, hd = q.shape
+        if self.dev.type == "cpu" and self.attention != "sdpa":
+            o = self._attend_native(i, (q, k, v))
+            if o is not None:
+                return o.view(B * s, H * hd)
         if self.dev.type == "cpu" and self.attention != "sdpa" and s <= _BMM_MAX_LEN:
             Hkv = self.n_kv
             G = H // Hkv
@@ -362,6 +366,13 @@ class _FastDecoder(Decoder):
                                            attn_mask=self._mask, is_causal=self._mask is None and s > 1,
                                            scale=self.scales[i], **gqa)
         return o.transpose(1, 2).reshape(B * s, H * hd)
+
+    def _attend_native(self, i: int, qkv):
+        """:func:`fdpg.cpu_decode.attention` of ``qkv`` (q, k, v, or the three packed ``[B, s, H + 2 Hkv, hd]``)
+        under the pass's padding mask -> ``[B, s, H * hd]``, or None where the native code cannot take it."""
+        s = (qkv[0] if isinstance(qkv, tuple) else qkv).shape[1]
+        valid = None if self.valid is None else self.valid[:, :s]
+        return cpu_decode.attention(qkv, valid, self.scales[i], self.n_head, self.n_kv)
 
     def _bias_all(self, B: int, s: int, dtype):
         """The additive form of the causal and padding mask, ``[B or 1, 1, 1, s, s]`` (made once per pass)."""
@@ -846,8 +857,8 @@ class _GPT2(_FastDecoder):
         B, H, hd, D = self.B, self.n_head, self.hd, self.D
         rec = {k: v[i, :, :s] for k, v in self._rec.items()}
         qkv = _Replay.apply(_ln(x, ln1), c_attn.weight, c_attn.bias, self._slots[i][:s].permute(2, 0, 1), False)
-        q, k, v = qkv.view(B, s, 3, H, hd).unbind(2)
-        a = self._attend_all(i, q, k, v).view(B, s, D)
+        a = self._attend_native(i, qkv.view(B, s, 3 * H, hd))     # one gradient tensor for q, k and v
+        a = (self._attend_all(i, *qkv.view(B, s, 3, H, hd).unbind(2)) if a is None else a).view(B, s, D)
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
         if "act" in rec:   # GELU's backward takes the recorded derivative, not fc's output: act is its stand-in
             f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["act"], False)

@@ -317,3 +317,62 @@ def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
             torch.testing.assert_close(got[mask], want[mask], atol=tol, rtol=tol)
     finally:
         torch.set_num_threads(1)
+
+
+def attention_reference(q, k, v, valid, scale):
+    """Causal attention in float64 under the scoring mask (valid keys at or before the query; a padding query sees
+    itself only): ``[B, s, H * hd]``."""
+    B, s, H, hd = q.shape
+    G = H // k.shape[2]
+    q, k, v = q.double(), k.double().repeat_interleave(G, 2), v.double().repeat_interleave(G, 2)
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()
+    if valid is not None:
+        allowed = (allowed & valid[:, None, None, :]) | torch.eye(s, dtype=torch.bool)
+    sc = torch.einsum("bthe,bjhe->bhtj", q, k).mul(scale).masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhtj,bjhe->bthe", sc.softmax(-1), v).reshape(B, s, H * hd)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("B,s,H,Hkv,hd", [(3, 7, 4, 2, 5), (5, 33, 2, 2, 16), (2, 1, 3, 1, 4), (4, 18, 4, 4, 40)])
+def test_native_attention_against_float64(dtype, tol, B, s, H, Hkv, hd):
+    """The native attention's output and q/k/v gradients against float64 autograd: GQA, head dims off the vector
+    width, one position, positions past a vector of keys and off the query block; q, k, v packed (one gradient
+    tensor) and separate; the slab's strides (batch innermost); left padding, a row all padding; 1 and 3 threads."""
+    g = torch.Generator().manual_seed(s * hd + H)
+    base = torch.randn(s, (H + 2 * Hkv) * hd, B, dtype=dtype, generator=g)
+    x = base.permute(2, 0, 1).reshape(B, s, H + 2 * Hkv, hd).requires_grad_()
+    valid = torch.arange(s)[None] >= torch.randint(0, s + 1, (B,), generator=g)[:, None]
+    w = torch.randn(B, s, H * hd, dtype=dtype, generator=g)
+    xd = x.detach().double().requires_grad_()
+    for mask in (valid, None):
+        (attention_reference(xd[:, :, :H], xd[:, :, H:H + Hkv], xd[:, :, H + Hkv:], mask, 0.37) * w).sum().backward()
+        want, xd.grad = xd.grad, None
+        ref = attention_reference(xd[:, :, :H], xd[:, :, H:H + Hkv], xd[:, :, H + Hkv:], mask, 0.37)
+        for threads, packed in ((1, True), (3, False)):
+            torch.set_num_threads(threads)
+            try:
+                qkv = x if packed else (x[:, :, :H], x[:, :, H:H + Hkv], x[:, :, H + Hkv:])
+                o = native.attention(qkv, mask, 0.37, H, Hkv)
+                (o * w).sum().backward()
+            finally:
+                torch.set_num_threads(1)
+            assert o.shape == (B, s, H * hd) and o.dtype == dtype and o.is_contiguous()
+            torch.testing.assert_close(o.double(), ref.detach(), atol=tol, rtol=tol)
+            torch.testing.assert_close(x.grad.double(), want, atol=tol, rtol=tol)
+            x.grad = None
+
+
+def test_native_attention_declines_and_keeps_nan(monkeypatch):
+    """Half precision, autocast or FDPG_CPU_DECODE=0 -> None (the torch attention runs); a NaN in one key gives NaN
+    outputs for the queries that see it, not silent numbers."""
+    q = torch.randn(2, 5, 2, 4)
+    assert native.attention((q.bfloat16(), q.bfloat16(), q.bfloat16()), None, 0.5, 2, 2) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native.attention((q, q, q), None, 0.5, 2, 2) is None
+    k = q.clone()
+    k[0, 2, 1, 3] = float("nan")
+    o = native.attention((q, k, q), None, 0.5, 2, 2).view(2, 5, 2, 4)
+    assert bool(o[0, 2:, 1].isnan().all()) and bool(torch.isfinite(o[0, :2]).all() and torch.isfinite(o[1]).all())
+    assert bool(torch.isfinite(o[0, :, 0]).all())
+    monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+    assert native.attention((q, q, q), None, 0.5, 2, 2) is None

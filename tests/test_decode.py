@@ -80,11 +80,16 @@ def decoded(dec, ids, mask, toks, ctx=contextlib.nullcontext):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("attention", ["auto", "sdpa"])
-def test_hidden_states_and_grads_equal_the_models_forward(name, attention):
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "bmm"])
+def test_hidden_states_and_grads_equal_the_models_forward(name, attention, monkeypatch):
     """The scoring pass (every position, with autograd) in float64 against the model's own forward: hidden states
-    at real positions, and every parameter's gradient of a random projection of them."""
+    at real positions, and every parameter's gradient of a random projection of them. Attention: the native
+    kernels ("auto"), SDPA, and the batched GEMMs that run where the native library is off ("bmm")."""
     import copy
+
+    if attention == "bmm":
+        monkeypatch.setenv("FDPG_CPU_DECODE", "0")
+        attention = "auto"
 
     model = copy.deepcopy(get(name)).double()
     B, T = 5, 7
