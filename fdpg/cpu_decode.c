@@ -535,138 +535,6 @@ int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr)
     return parallel_rows(dims[0], dims[3], dims, fp, ptr, activation_rows);
 }
 
-/* ---- the no-grad forward over whole sequences (the prior's scoring pass): every layer ------------------------
- *
- * fdpg_forward: the final-norm hidden states out [B, s, d] of ids [B, s] (int64), with the position embeddings pe
- * [B, s, d] already gathered and valid [B, s] (uint8, NULL: no padding): a query attends to the valid keys at or
- * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
- * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
- * MKL per thread). */
-enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_N };
-enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
-
-/* x += y + bias, rows of n (contiguous) */
-static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
-                          int64_t n) {
-    for (int64_t m = 0; m < rows; m++)
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * n + j] + bias[j];
-}
-
-/* causal attention of one row's s positions, head by head: qkv [s, 3d] -> o [s, d]. Scratch: kt [hd, sp] (the
- * head's keys transposed, sp = s rounded up to BM: a query's scores are BM-wide vectors over the keys) and sc
- * [sp]. The weighted values accumulate in BM-wide vectors over the head's dims (qkv is allocated with BM reals of
- * slack: the last vector may read past the row). */
-static void attend_row(const real *restrict qkv, real *restrict o, const uint8_t *valid, int64_t s, int64_t d,
-                       int64_t H, real scale, real *restrict kt, real *restrict sc) {
-    const int64_t hd = d / H, sp = (s + BM - 1) / BM * BM;
-    for (int64_t hh = 0; hh < H; hh++) {
-        for (int64_t e = 0; e < hd; e++) {
-            for (int64_t j = 0; j < s; j++) kt[e * sp + j] = qkv[j * 3 * d + d + hh * hd + e];
-            for (int64_t j = s; j < sp; j++) kt[e * sp + j] = 0;
-        }
-        for (int64_t t = 0; t < s; t++) {
-            const real *q = qkv + t * 3 * d + hh * hd;
-            const int64_t n = t + 1, np = (n + BM - 1) / BM * BM;     /* keys 0 .. t, in whole vectors */
-            for (int64_t j0 = 0; j0 < n; j0 += BM) {
-                vreal a = {0};
-                for (int64_t e = 0; e < hd; e++) a += (q[e] * scale) * vload(kt + e * sp + j0);
-                memcpy(sc + j0, &a, sizeof a);
-            }
-            for (int64_t j = n; j < np; j++) sc[j] = -INFINITY;
-            if (valid) {                                 /* padding keys out; a padding query sees itself only */
-                const int own = !valid[t];
-                for (int64_t j = 0; j < t; j++)
-                    if (own || !valid[j]) sc[j] = -INFINITY;
-            }
-            real mx = -INFINITY, sum = 0;
-            for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-#pragma omp simd
-            for (int64_t j = 0; j < np; j++) sc[j] = r_exp(sc[j] - mx);
-            vreal vs = {0};
-            for (int64_t j = 0; j < np; j += BM) vs += vload(sc + j);
-            for (int64_t j = 0; j < BM; j++) sum += vs[j];
-            const real inv = (real)1 / sum;
-            real *restrict ot = o + t * d + hh * hd;
-            for (int64_t e0 = 0; e0 < hd; e0 += BM) {
-                vreal a = {0};
-                for (int64_t j = 0; j < n; j++) a += sc[j] * vload(qkv + j * 3 * d + 2 * d + hh * hd + e0);
-                const int64_t ne = hd - e0 < BM ? hd - e0 : BM;
-                for (int64_t e = 0; e < ne; e++) ot[e0 + e] = a[e] * inv;
-            }
-        }
-    }
-}
-
-/* rows b0 .. b0 + nb - 1 through the model; 0, or -1 when out of memory */
-static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
-    const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], act = fd[F_ACT];
-    const int64_t M = nb * s;
-    const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
-    const real *pe = (const real *)ptr[Q_PE] + b0 * s * d, *wte = (const real *)ptr[Q_WTE];
-    const uint8_t *valid = ptr[Q_VALID] ? (const uint8_t *)ptr[Q_VALID] + b0 * s : NULL;
-    real *x = malloc((size_t)M * d * sizeof(real)), *h = malloc((size_t)M * d * sizeof(real));
-    real *qkv = malloc(((size_t)M * 3 * d + BM) * sizeof(real)), *o = malloc((size_t)M * d * sizeof(real));
-    real *f = malloc((size_t)M * F * sizeof(real)), *g = malloc((size_t)M * F * sizeof(real));
-    const int64_t hd = d / H, sp = (s + BM - 1) / BM * BM;
-    real *sc = malloc((size_t)sp * sizeof(real)), *kt = malloc((size_t)hd * sp * sizeof(real));
-    int ok = x && h && qkv && o && f && g && sc && kt;
-    for (int64_t m = 0; ok && m < M; m++) {
-        const real *e = wte + ids[m] * d, *p = pe + m * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; j++) x[m * d + j] = e[j] + p[j];
-    }
-#define FW(i, k) ((const real *)ptr[Q_LAYERS + (i) * W_N + (k)])
-    for (int64_t i = 0; ok && i < L; i++) {
-        const double *eps = fp + 1 + 3 * i;
-        layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
-        fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
-        gemm(c, 0, M, 3 * d, d, h, d, 0, FW(i, W_ATTN_W), 3 * d, 0, qkv, 3 * d);
-        for (int64_t b = 0; b < nb; b++)
-            attend_row(qkv + b * s * 3 * d, o + b * s * d, valid ? valid + b * s : NULL, s, d, H, (real)eps[2], kt,
-                       sc);
-        gemm_b(c, 0, M, d, d, o, d, 0, FW(i, W_PROJ_W), d, 0, h, d, 0);
-        add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
-        layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
-        gemm_b(c, 0, M, F, d, h, d, 0, FW(i, W_FC_W), F, 0, f, F, 0);
-        for (int64_t m = 0; m < M; m++) activation(f + m * F, g + m * F, NULL, F, act, FW(i, W_FC_B));
-        gemm_b(c, 0, M, d, F, g, F, 0, FW(i, W_MLP_W), d, 0, h, d, 0);
-        add_bias_rows(x, h, FW(i, W_MLP_B), M, d);
-    }
-#undef FW
-    if (ok)
-        layer_norm(x, (real *)ptr[Q_OUT] + b0 * s * d, M, d, (const real *)ptr[Q_LNF_W], (const real *)ptr[Q_LNF_B],
-                   fp[0]);
-    free(x), free(h), free(qkv), free(o), free(f), free(g), free(sc), free(kt);
-    return ok ? 0 : -1;
-}
-
-int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
-    Ctx c;
-    memset(&c, 0, sizeof c);
-    c.gemm = (gemm_fn)ptr[Q_GEMM];
-    c.set_threads = (threads_fn)ptr[Q_THREADS];
-    const int64_t B = dims[F_B];
-    int64_t nt = dims[F_THREADS] < 1 ? 1 : dims[F_THREADS];
-    if (nt > B) nt = B > 0 ? B : 1;
-    int failed = 0;
-#pragma omp parallel num_threads((int)nt) reduction(| : failed)
-    {
-        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
-        const int one = 1;
-        const int prev = c.set_threads ? c.set_threads(&one) : 0;
-        const int64_t b0 = w * B / n, b1 = (w + 1) * B / n;
-        /* rows in chunks whose buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) stay within
-         * dims[F_CHUNK] bytes: a long or wide model does not take several buffers of the whole batch at once */
-        const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
-        const int64_t chunk = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
-        for (int64_t b = b0; b < b1 && !failed; b += chunk)
-            failed |= forward_rows(&c, dims, fp, ptr, b, b1 - b < chunk ? b1 - b : chunk) != 0;
-        if (c.set_threads) c.set_threads(&prev);
-    }
-    return failed ? -1 : 0;
-}
-
 /* ---- attention with autograd (the policy's replay and scoring passes): forward and backward -----------------
  *
  * fdpg_attention: causal attention of q [B, s, H, hd] over k, v [B, s, Hkv, hd] (H a multiple of Hkv: GQA), every
@@ -692,6 +560,10 @@ static inline real *at(const Views *w, int k, int64_t b, int64_t t, int64_t h) {
     return (real *)w->ptr[k] + b * st[0] + t * st[1] + h * st[2];
 }
 
+/* r_exp, but NaN (a NaN or infinite score, or a NaN log-sum-exp) stays NaN: a query's outputs are NaN then, not
+ * silent numbers */
+static inline real exp_nan(real x) { return x != x ? x : r_exp(x); }
+
 /* the keys a query t may attend to, 0 .. t, as scores sc[0 .. t] (scaled) with the masked ones at -inf */
 static inline void mask_scores(const uint8_t *valid, int64_t t, real *restrict sc) {
     if (!valid) return;
@@ -702,7 +574,9 @@ static inline void mask_scores(const uint8_t *valid, int64_t t, real *restrict s
 
 static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
 
-enum { QB = 4 };   /* queries per block: the loads of a key (value) vector shared by QB register accumulators */
+/* queries per block: the loads of a key (value) vector shared by QB register accumulators (1, 2, 4, 8 measured:
+ * 8 fastest, forward and backward, at head dims 16 and 64) */
+enum { QB = 8 };
 
 /* sc[r, 0 .. np) (row stride sp) = the scores of the QB queries q_[r, 0 .. hd) (row stride hdp) against the keys
  * kt [hd, sp] (transposed), np a multiple of BM */
@@ -755,18 +629,22 @@ static int attention_items(const int64_t *dims, const double *fp, void *const *p
     for (int64_t it = i0; it < i1; it++) {
         const int64_t g = it / B, b = it % B;
         const uint8_t *valid = ptr[T_VALID] ? (const uint8_t *)ptr[T_VALID] + b * s : NULL;
-        for (int64_t j = 0; j < s; j++) {            /* (the padding of every tile stays zero from calloc) */
-            const real *kj = at(&w, T_K, b, j, g), *vj = at(&w, T_V, b, j, g);
-            for (int64_t e = 0; e < hd; e++) kt[e * sp + j] = kj[e * ke];
-            for (int64_t e = 0; e < hd; e++) vv[j * hdp + e] = vj[e * ve];
-            if (bwd) {
-                for (int64_t e = 0; e < hd; e++) kk[j * hdp + e] = kj[e * ke];
-                for (int64_t e = 0; e < hd; e++) vt[e * sp + j] = vj[e * ve];
-            }
+        /* the tiles (their padding stays zero from calloc); the transposed ones written along their rows */
+        const real *k0 = at(&w, T_K, b, 0, g), *v0 = at(&w, T_V, b, 0, g);
+        const int64_t kt_ = st[4 * T_K + 1], vt_ = st[4 * T_V + 1];
+        for (int64_t e = 0; e < hd; e++)
+            for (int64_t j = 0; j < s; j++) kt[e * sp + j] = k0[j * kt_ + e * ke];
+        for (int64_t j = 0; j < s; j++)
+            for (int64_t e = 0; e < hd; e++) vv[j * hdp + e] = v0[j * vt_ + e * ve];
+        if (bwd) {
+            for (int64_t j = 0; j < s; j++)
+                for (int64_t e = 0; e < hd; e++) kk[j * hdp + e] = k0[j * kt_ + e * ke];
+            for (int64_t e = 0; e < hd; e++)
+                for (int64_t j = 0; j < s; j++) vt[e * sp + j] = v0[j * vt_ + e * ve];
         }
         if (bwd) memset(dk, 0, 2 * (size_t)s * hdp * sizeof(real));   /* dk and dv */
         for (int64_t hh = g * G; hh < (g + 1) * G; hh++) {
-            real *lse = (real *)ptr[T_LSE] + (b * H + hh) * s;
+            real *lse = ptr[T_LSE] ? (real *)ptr[T_LSE] + (b * H + hh) * s : NULL;     /* (forward: optional) */
             const real *q0 = at(&w, T_Q, b, 0, hh);
             for (int64_t t0 = 0; t0 < s; t0 += QB) {
                 /* queries t0 .. t0 + nr - 1 over keys 0 .. n - 1 (np: whole vectors) */
@@ -783,17 +661,12 @@ static int attention_items(const int64_t *dims, const double *fp, void *const *p
                     real inv[QB] = {0};
                     for (int64_t r = 0; r < nr; r++) {
                         real *restrict scr = sc + r * sp, mx = -INFINITY, sum = 0;
-                        int nan = 0;                                /* (r_exp takes NaN to 0: keep it) */
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-                        for (int64_t j = 0; j < n; j++) {
-                            mx = scr[j] > mx ? scr[j] : mx;
-                            nan |= scr[j] != scr[j];
-                        }
+#pragma omp simd reduction(max : mx)
+                        for (int64_t j = 0; j < n; j++) mx = scr[j] > mx ? scr[j] : mx;
 #pragma omp simd reduction(+ : sum)
-                        for (int64_t j = 0; j < n; j++) sum += (scr[j] = r_exp(scr[j] - mx));
-                        if (nan) mx = sum = NAN;
+                        for (int64_t j = 0; j < n; j++) sum += (scr[j] = exp_nan(scr[j] - mx));
                         inv[r] = (real)1 / sum;
-                        lse[t0 + r] = mx + (real)log((double)sum);
+                        if (lse) lse[t0 + r] = mx + (real)log((double)sum);
                     }
                     block_weighted(sc, sp, vv, n, hd, hdp, inv, nr, at(&w, T_O, b, t0, hh), ot_, oe);
                     continue;
@@ -814,7 +687,7 @@ static int attention_items(const int64_t *dims, const double *fp, void *const *p
                     const real l = r < nr ? lse[t0 + r] : INFINITY, D = Dt[r];
 #pragma omp simd
                     for (int64_t j = 0; j < n; j++) {
-                        scr[j] = r_exp(scr[j] - l);                 /* p (0 where masked) */
+                        scr[j] = exp_nan(scr[j] - l);               /* p (0 where masked) */
                         dpr[j] = scr[j] * (dpr[j] - D);             /* dS */
                     }
                 }
@@ -843,6 +716,104 @@ static int attention_items(const int64_t *dims, const double *fp, void *const *p
     }
     free(buf);
     return 0;
+}
+
+/* ---- the no-grad forward over whole sequences (the prior's scoring pass): every layer ------------------------
+ *
+ * fdpg_forward: the final-norm hidden states out [B, s, d] of ids [B, s] (int64), with the position embeddings pe
+ * [B, s, d] already gathered and valid [B, s] (uint8, NULL: no padding): a query attends to the valid keys at or
+ * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
+ * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
+ * MKL per thread). */
+enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_N };
+enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
+
+/* x += y + bias, rows of n (contiguous) */
+static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
+                          int64_t n) {
+    for (int64_t m = 0; m < rows; m++)
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * n + j] + bias[j];
+}
+
+/* causal attention of nb rows' qkv [nb, s, 3d] -> o [nb, s, d] (fdpg_forward's mask), on the calling thread; 0, or -1
+ * when out of memory */
+static int attend(int64_t nb, int64_t s, int64_t d, int64_t H, const real *qkv, real *o, const uint8_t *valid,
+                  double scale) {
+    int64_t dims[A_STRIDES + 4 * T_N] = {0, nb, s, H, H, d / H, 1};
+    const int64_t in[4] = {s * 3 * d, 3 * d, d / H, 1}, out[4] = {s * d, d, d / H, 1};
+    for (int k = 0; k < 4; k++) {
+        dims[A_STRIDES + 4 * T_Q + k] = dims[A_STRIDES + 4 * T_K + k] = dims[A_STRIDES + 4 * T_V + k] = in[k];
+        dims[A_STRIDES + 4 * T_O + k] = out[k];
+    }
+    void *ptr[A_NPTR] = {(void *)qkv, (void *)(qkv + d), (void *)(qkv + 2 * d), o};
+    ptr[T_VALID] = (void *)valid;
+    return attention_items(dims, &scale, ptr, 0, nb * H);
+}
+
+/* rows b0 .. b0 + nb - 1 through the model; 0, or -1 when out of memory */
+static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
+    const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], act = fd[F_ACT];
+    const int64_t M = nb * s;
+    const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
+    const real *pe = (const real *)ptr[Q_PE] + b0 * s * d, *wte = (const real *)ptr[Q_WTE];
+    const uint8_t *valid = ptr[Q_VALID] ? (const uint8_t *)ptr[Q_VALID] + b0 * s : NULL;
+    real *x = malloc((size_t)M * d * sizeof(real)), *h = malloc((size_t)M * d * sizeof(real));
+    real *qkv = malloc((size_t)M * 3 * d * sizeof(real)), *o = malloc((size_t)M * d * sizeof(real));
+    real *f = malloc((size_t)M * F * sizeof(real)), *g = malloc((size_t)M * F * sizeof(real));
+    int ok = x && h && qkv && o && f && g;
+    for (int64_t m = 0; ok && m < M; m++) {
+        const real *e = wte + ids[m] * d, *p = pe + m * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) x[m * d + j] = e[j] + p[j];
+    }
+#define FW(i, k) ((const real *)ptr[Q_LAYERS + (i) * W_N + (k)])
+    for (int64_t i = 0; ok && i < L; i++) {
+        const double *eps = fp + 1 + 3 * i;
+        layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
+        fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
+        gemm(c, 0, M, 3 * d, d, h, d, 0, FW(i, W_ATTN_W), 3 * d, 0, qkv, 3 * d);
+        ok = attend(nb, s, d, H, qkv, o, valid, eps[2]) == 0;
+        gemm_b(c, 0, M, d, d, o, d, 0, FW(i, W_PROJ_W), d, 0, h, d, 0);
+        add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
+        layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
+        gemm_b(c, 0, M, F, d, h, d, 0, FW(i, W_FC_W), F, 0, f, F, 0);
+        for (int64_t m = 0; m < M; m++) activation(f + m * F, g + m * F, NULL, F, act, FW(i, W_FC_B));
+        gemm_b(c, 0, M, d, F, g, F, 0, FW(i, W_MLP_W), d, 0, h, d, 0);
+        add_bias_rows(x, h, FW(i, W_MLP_B), M, d);
+    }
+#undef FW
+    if (ok)
+        layer_norm(x, (real *)ptr[Q_OUT] + b0 * s * d, M, d, (const real *)ptr[Q_LNF_W], (const real *)ptr[Q_LNF_B],
+                   fp[0]);
+    free(x), free(h), free(qkv), free(o), free(f), free(g);
+    return ok ? 0 : -1;
+}
+
+int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.gemm = (gemm_fn)ptr[Q_GEMM];
+    c.set_threads = (threads_fn)ptr[Q_THREADS];
+    const int64_t B = dims[F_B];
+    int64_t nt = dims[F_THREADS] < 1 ? 1 : dims[F_THREADS];
+    if (nt > B) nt = B > 0 ? B : 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt) reduction(| : failed)
+    {
+        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
+        const int one = 1;
+        const int prev = c.set_threads ? c.set_threads(&one) : 0;
+        const int64_t b0 = w * B / n, b1 = (w + 1) * B / n;
+        /* rows in chunks whose buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) stay within
+         * dims[F_CHUNK] bytes: a long or wide model does not take several buffers of the whole batch at once */
+        const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
+        const int64_t chunk = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
+        for (int64_t b = b0; b < b1 && !failed; b += chunk)
+            failed |= forward_rows(&c, dims, fp, ptr, b, b1 - b < chunk ? b1 - b : chunk) != 0;
+        if (c.set_threads) c.set_threads(&prev);
+    }
+    return failed ? -1 : 0;
 }
 
 int64_t fdpg_attention(const int64_t *dims, const double *fp, void *const *ptr) {
