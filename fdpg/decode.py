@@ -862,9 +862,8 @@ class _GPT2(_FastDecoder):
         x = x + _Replay.apply(a, c_proj.weight, c_proj.bias, rec["proj"], False)
         if "act" in rec:   # GELU's backward takes the recorded derivative, not fc's output: act is its stand-in
             f = _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["act"], False)
-            g = _ReplayGELU.apply(f, rec["act"], rec["dact"])
-        else:
-            g = _act(act, _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False))
+            return x + _ReplayGELULinear.apply(f, rec["act"], rec["dact"], m_proj.weight, m_proj.bias, rec["mlp"])
+        g = _act(act, _Replay.apply(_ln(x, ln2), c_fc.weight, c_fc.bias, rec["fc"], False))
         return x + _Replay.apply(g, m_proj.weight, m_proj.bias, rec["mlp"], False)
 
 
@@ -1039,19 +1038,26 @@ def _gelu_grad(x, approximate: str):
     return torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
 
 
-class _ReplayGELU(torch.autograd.Function):
-    """``y = gelu(x)`` whose value ``y`` and derivative ``dy_dx`` were computed already (by the sampling pass): the
-    forward returns ``y``, the backward multiplies by ``dy_dx``."""
+class _ReplayGELULinear(torch.autograd.Function):
+    """``y = gelu(f) @ w + b`` (``w [in, out]``) whose GELU output ``g``, derivative ``dg_df`` and ``y`` were
+    computed already (by the sampling pass): the forward returns ``y``; the backward's ``dy @ w^T`` is multiplied
+    by ``dg_df`` in place (no second ``[N, in]`` tensor)."""
 
     @staticmethod
-    def forward(ctx, x, y, dy_dx):
-        ctx.save_for_backward(dy_dx)
+    def forward(ctx, f, g, dg_df, w, b, y):
+        ctx.save_for_backward(g, dg_df, w)
+        ctx.has_b = b is not None
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        (dy_dx,) = ctx.saved_tensors
-        return dy * dy_dx, None, None
+        g, dg_df, w = ctx.saved_tensors
+        dy2, g2 = dy.reshape(-1, dy.shape[-1]), g.reshape(-1, g.shape[-1])
+        need_f, _, _, need_w, need_b, _ = ctx.needs_input_grad
+        df = (dy2 @ w.t()).mul_(dg_df.reshape(g2.shape)).view(g.shape) if need_f else None
+        dw = g2.t() @ dy2 if need_w else None
+        db = dy2.sum(0) if need_b and ctx.has_b else None
+        return df, None, None, dw, db, None
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
