@@ -2,7 +2,7 @@
 and NAVER disco, on the same model and batch, with every phase set against its floor.
 
     python benchmarks/e2e.py --config tiny-cpu --steps 10 --threads 1
-    PYTHONPATH=/work/disco-src python benchmarks/e2e.py --config tiny-cpu --steps 10 --threads 1 \\
+    PYTHONPATH=/work/disco-src python benchmarks/e2e.py --config tiny-cpu --steps 4 --repeat 6 --threads 2 \\
         --peers straightforward,disco,fdpg
     python benchmarks/e2e.py --config gpt2-small --length 128 --steps 10         # GPU (or a patient CPU)
     python benchmarks/e2e.py --config llama-1b --steps 10                         # GPU only, bf16
@@ -14,7 +14,11 @@ weights, GPU only). Target: one pointwise constraint ("contains token 3"; "does 
 vocabularies, where a random model almost never emits a given token); divergence forward KL; on-policy.
 
 Each peer runs in a subprocess of its own (disco switches on autograd anomaly detection for its whole process, and
-peak memory is per process): ``--warmup`` steps, then ``--steps`` timed steps. The parent measures, in the same
+peak memory is per process): ``--warmup`` steps, then ``--steps`` timed steps. With ``--repeat R`` on the CPU
+(``--interleave``, the default there) every peer's process is started and warmed up first, then the peers take
+turns, ``--steps`` timed steps each, for R rounds: a shared machine's load drifts over seconds, and a round that
+alternates peers within it hits them alike (the ratios are printed round by round). On a GPU each run is a fresh
+process, one peer's memory at a time (``--no-interleave`` does that on the CPU too). The parent measures, in the same
 run and with the same thread count, the matmul rate at the model's GEMM shapes (fp32 on CPU, bf16 on GPU) and the
 memory copy bandwidth, and prints one table:
 
@@ -55,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # noqa: E402
 
 RESULT_TAG = "E2E-RESULT "
+READY_TAG = "E2E-READY"
 
 
 # ---- floors ---------------------------------------------------------------------------------------------------
@@ -194,6 +199,23 @@ def measure(peer, sh: P.Shape, device: torch.device, steps: int, warmup: int, *,
             throughput_pass: bool = False, phase_note: str = "") -> dict:
     """Warm up, reset the peak-memory counters, run ``steps`` steps with phase timers (synchronising CUDA at phase
     boundaries), and, when ``throughput_pass``, ``steps`` more without timers for samples/s and tokens/s."""
+    warm_up(peer, device, warmup)
+    res = dict(timed_steps(peer, sh, device, steps), warmup=warmup, phase_note=phase_note)
+    if throughput_pass:
+        off = P.Phases(enabled=False)
+        _sync(device)
+        t0 = time.perf_counter()
+        toks = [peer.step(off) for _ in range(steps)]
+        _sync(device)
+        el = time.perf_counter() - t0
+        tokens = sum(int(t) for t in toks)
+        res.update(samples_per_s=sh.batch * steps / el, tokens_per_s=tokens / el, step_s_untimed=el / steps,
+                   throughput_from="a second pass without phase timers (no host syncs added)")
+    return dict(res, **peak_memory(device, rss_baseline))
+
+
+def warm_up(peer, device: torch.device, warmup: int):
+    """``warmup`` untimed steps, then the peak-memory counters reset."""
     off = P.Phases(enabled=False)
     for _ in range(warmup):
         peer.step(off)
@@ -202,6 +224,10 @@ def measure(peer, sh: P.Shape, device: torch.device, steps: int, warmup: int, *,
         torch.cuda.reset_peak_memory_stats()
     else:
         _reset_peak_rss()
+
+
+def timed_steps(peer, sh: P.Shape, device: torch.device, steps: int) -> dict:
+    """``steps`` steps with phase timers: mean step time, phases, samples/s and tokens/s."""
     ph = P.Phases(sync=device.type == "cuda")
     total, tokens = 0.0, 0
     for _ in range(steps):
@@ -213,33 +239,22 @@ def measure(peer, sh: P.Shape, device: torch.device, steps: int, warmup: int, *,
         tokens += int(tok)
     phases = {k: ph.t.get(k, 0.0) / steps for k in P.PHASES if k != "other"}
     phases["other"] = max(0.0, total / steps - sum(phases.values()))
-    res = {"steps": steps, "warmup": warmup, "step_s": total / steps, "phases": phases,
-           "samples_per_s": sh.batch * steps / total, "tokens_per_s": tokens / total,
-           "throughput_from": "the timed steps (phase timers on)", "phase_note": phase_note}
-    if throughput_pass:
-        _sync(device)
-        t0, tokens = time.perf_counter(), 0
-        toks = [peer.step(off) for _ in range(steps)]
-        _sync(device)
-        el = time.perf_counter() - t0
-        tokens = sum(int(t) for t in toks)
-        res.update(samples_per_s=sh.batch * steps / el, tokens_per_s=tokens / el, step_s_untimed=el / steps,
-                   throughput_from="a second pass without phase timers (no host syncs added)")
+    return {"steps": steps, "step_s": total / steps, "phases": phases, "samples_per_s": sh.batch * steps / total,
+            "tokens_per_s": tokens / total, "throughput_from": "the timed steps (phase timers on)"}
+
+
+def peak_memory(device: torch.device, rss_baseline: int | None) -> dict:
     if device.type == "cuda":
-        res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-        res["mem_kind"] = "torch.cuda.max_memory_allocated"
-    else:
-        peak = _peak_rss_bytes()
-        res["peak_mem_bytes"] = peak - (rss_baseline or 0)
-        res["mem_kind"] = "peak RSS above the RSS after imports"
-        res["peak_rss_bytes"] = peak
-    return res
+        return {"peak_mem_bytes": torch.cuda.max_memory_allocated(), "mem_kind": "torch.cuda.max_memory_allocated"}
+    peak = _peak_rss_bytes()
+    return {"peak_mem_bytes": peak - (rss_baseline or 0), "mem_kind": "peak RSS above the RSS after imports",
+            "peak_rss_bytes": peak}
 
 
 # ==================================================================================================================
-# fdpg row: run_fdpg drives fdpg.trainer.Trainer (Trainer(config), train_step()). Written against the trainer as it
-# stood on 2026-11-23; adjust here if its API changes. The trainer exposes no per-phase timings, so the phases are
-# taken by wrapping its methods: sampling = Trainer.next_batch, prior scoring = Trainer.score (prior, target, the
+# fdpg row: FdpgPeer (and run_fdpg) drive fdpg.trainer.Trainer (Trainer(config), train_step()). Written against
+# the trainer as it stood on 2026-11-23; adjust here if its API changes. The trainer exposes no per-phase timings,
+# so the phases are taken by wrapping its methods: sampling = Trainer.next_batch, prior scoring = Trainer.score (prior, target, the
 # paired op) less what is nested in it as policy scoring = the policy's forward (fdpg.models._logits/_hidden of the
 # policy) or the replay of its sampling pass (fdpg.decode's replay_logits),
 # coefficients = the rest of Trainer.batch_loss (log Z, fdpg_coefficients, surrogate), backward = Tensor.backward,
@@ -408,20 +423,15 @@ def worker(args) -> dict:
     base = None if base is None else base * 1024
     info = {"peer": args.worker, "threads": torch.get_num_threads(), "device": str(dev), "torch": torch.__version__}
     try:
-        if args.worker == "fdpg":
-            res = run_fdpg(sh, args.steps, warmup=args.warmup, threads=args.threads, device=str(dev),
-                           seed=args.seed, rss_baseline=base)
-        else:
-            kw = {"divergence": "forward_kl"} if args.worker == "straightforward" else {}
-            peer = P.PEERS[args.worker](sh, dev, seed=args.seed, **kw)
-            note = ("phases by explicit timers" if args.worker == "straightforward" else
-                    "phases by wrapping disco's methods; other = disco's bookkeeping")
-            try:
-                res = measure(peer, sh, dev, args.steps, args.warmup, rss_baseline=base,
-                              throughput_pass=dev.type == "cuda", phase_note=note)
-            finally:
-                if hasattr(peer, "close"):
-                    peer.close()
+        peer, note = make_peer(args.worker, sh, dev, args)
+        try:
+            if args.serve:
+                return serve(peer, sh, dev, args, base, dict(info, phase_note=note))
+            res = measure(peer, sh, dev, args.steps, args.warmup, rss_baseline=base,
+                          throughput_pass=dev.type == "cuda", phase_note=note)
+        finally:
+            if hasattr(peer, "close"):
+                peer.close()
         res.update(info, ok=True)
     except P.PeerUnavailable as e:
         res = dict(info, ok=False, error=str(e))
@@ -434,7 +444,31 @@ def worker(args) -> dict:
     return res
 
 
-def run_peer_subprocess(name: str, args) -> dict:
+def make_peer(name: str, sh: P.Shape, dev: torch.device, args):
+    """``(peer, phase note)`` of peer ``name``."""
+    if name == "fdpg":
+        return (FdpgPeer(sh, dev, threads=args.threads, seed=args.seed),
+                "phases by wrapping Trainer methods (the trainer exposes no phase timings)")
+    kw = {"divergence": "forward_kl"} if name == "straightforward" else {}
+    return (P.PEERS[name](sh, dev, seed=args.seed, **kw),
+            "phases by explicit timers" if name == "straightforward" else
+            "phases by wrapping disco's methods; other = disco's bookkeeping")
+
+
+def serve(peer, sh: P.Shape, dev: torch.device, args, base: int | None, info: dict) -> dict:
+    """Interleaved mode's worker: warm up, say READY, then run ``args.steps`` timed steps at each ``run`` read from
+    stdin (answering with their figures) until ``quit``; returns the peak memory."""
+    warm_up(peer, dev, args.warmup)
+    print(READY_TAG, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        res = dict(timed_steps(peer, sh, dev, args.steps), **info, warmup=args.warmup, ok=True)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+    return dict(info, ok=True, **peak_memory(dev, base))
+
+
+def _worker_command(name: str, args) -> tuple[list, dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--config", args.config,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
            "--seed", str(args.seed)]
@@ -444,6 +478,80 @@ def run_peer_subprocess(name: str, args) -> dict:
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    return cmd, env
+
+
+def run_interleaved(names: list, args) -> dict:
+    """Every peer in its own process, all started and warmed up first, then ``args.repeat`` rounds in which each
+    runs ``args.steps`` timed steps in turn (only one runs at a time): a change of the machine's load within a
+    round hits every peer alike, and no round pays a process start. ``{name: [record per round]}``; each record
+    carries the process's peak memory."""
+    procs, logs, runs = {}, {}, {n: [] for n in names}
+    try:
+        for n in names:              # one at a time: a starting process would load the others' warm-up
+            cmd, env = _worker_command(n, args)
+            logs[n] = tempfile.TemporaryFile("w+")                 # (a pipe would fill and stall the worker)
+            p = procs[n] = subprocess.Popen(cmd + ["--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=logs[n], text=True, env=env)
+            line = _tagged_line(p)
+            if not line.startswith(READY_TAG):
+                runs[n].append(_failed(n, p, line, logs[n]))
+                del procs[n]
+        for rep in range(args.repeat):
+            for n in list(procs):
+                print(f"[e2e] round {rep + 1}/{args.repeat}: {n} ...", file=sys.stderr, flush=True)
+                time.sleep(0.2)          # the last peer's idle OpenMP threads stop spinning (libgomp: a few ms)
+                p = procs[n]
+                p.stdin.write("run\n")
+                p.stdin.flush()
+                line = _tagged_line(p)
+                res = json.loads(line[len(RESULT_TAG):]) if line.startswith(RESULT_TAG) else None
+                if res is None or not res.get("ok"):
+                    runs[n].append(_failed(n, p, line, logs[n]))
+                    del procs[n]
+                    continue
+                runs[n].append(res)
+        for n, p in procs.items():
+            p.stdin.write("quit\n")
+            p.stdin.flush()
+            line = _tagged_line(p)
+            final = json.loads(line[len(RESULT_TAG):]) if line.startswith(RESULT_TAG) else {}
+            p.wait(timeout=600)
+            for r in runs[n]:
+                r.update({k: v for k, v in final.items() if k in ("peak_mem_bytes", "mem_kind", "peak_rss_bytes")})
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        for f in logs.values():
+            f.close()
+    return runs
+
+
+def _tagged_line(p) -> str:
+    """The worker's next line that starts with a tag ("" once its output ends)."""
+    while True:
+        line = p.stdout.readline()
+        if not line or line.startswith((READY_TAG, RESULT_TAG)):
+            return line
+
+
+def _failed(name: str, p, line: str, log) -> dict:
+    """The record of a worker that did not answer: its own failure record, else the end of its stderr."""
+    if line.startswith(RESULT_TAG):
+        res = json.loads(line[len(RESULT_TAG):])
+        if "error" in res:
+            return res
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    log.seek(0)
+    tail = "\n".join(log.read().strip().splitlines()[-15:])
+    return {"peer": name, "ok": False, "error": f"worker exited with {p.returncode}: {tail}"}
+
+
+def run_peer_subprocess(name: str, args) -> dict:
+    cmd, env = _worker_command(name, args)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -557,7 +665,11 @@ def main(argv=None):
                     help="instead of timing: find every peer's largest batch that fits (GPU; from --batch, doubling "
                          "then bisecting, each try in a fresh process)")
     ap.add_argument("--max-batch-limit", type=int, default=1 << 14, help="the largest batch tried (default 16384)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep every peer's process alive and alternate rounds of --steps steps between them "
+                         "(default: on the CPU; a GPU holds one peer's memory at a time)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
         ap.error("--steps and --repeat must be >= 1 and --warmup >= 0")
@@ -600,11 +712,15 @@ def main(argv=None):
     bw = measure_bandwidth(dev)
     pbytes = torch.empty((), dtype=sh.torch_dtype).element_size()
 
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for rep in range(args.repeat):  # round-robin, so that a change of load hits every peer alike
-        for n in names:
-            print(f"[e2e] run {rep + 1}/{args.repeat}: {n} ...", file=sys.stderr, flush=True)
-            runs[n].append(run_peer_subprocess(n, args))
+    interleave = args.interleave if args.interleave is not None else dev.type == "cpu"
+    if interleave:
+        runs = run_interleaved(names, args)
+    else:
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        for rep in range(args.repeat):  # round-robin, so that a change of load hits every peer alike
+            for n in names:
+                print(f"[e2e] run {rep + 1}/{args.repeat}: {n} ...", file=sys.stderr, flush=True)
+                runs[n].append(run_peer_subprocess(n, args))
     results = []
     for n in names:
         good = [r for r in runs[n] if r.get("ok")]
@@ -631,8 +747,13 @@ def main(argv=None):
           f"{fl['_sampling_bytes'] / 1e9:.3f} GB of weights + KV cache); policy and prior scoring 1 forward each; "
           f"backward 2 forwards; "
           f"optimizer {fl['_optimizer_bytes'] / 1e6:.0f} MB at the bandwidth; step {1e3 * fl['step']:.1f} ms")
-    print(f"steps: {args.warmup} warm-up + {args.steps} timed per peer, each peer in its own process"
-          + (f"; best of {args.repeat} round-robin runs per peer" if args.repeat > 1 else "") + "\n")
+    if interleave:
+        print(f"steps: each peer in its own process, all started and warmed up ({args.warmup} steps) first, then "
+              f"{args.repeat} round(s) of {args.steps} timed steps per peer, one peer at a time; best round per "
+              "peer\n")
+    else:
+        print(f"steps: {args.warmup} warm-up + {args.steps} timed per peer, each peer in its own process"
+              + (f"; best of {args.repeat} round-robin runs per peer" if args.repeat > 1 else "") + "\n")
     print(table(results, fl, sh))
     print("\ncells: value, then xF = multiple of the floor (samples/s, tokens/s: floor rate / measured; times: "
           "measured / floor), then xS = ratio to the straightforward loop (value / its value).")
