@@ -798,19 +798,22 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     const int64_t B = dims[F_B];
     int64_t nt = dims[F_THREADS] < 1 ? 1 : dims[F_THREADS];
     if (nt > B) nt = B > 0 ? B : 1;
+    /* rows in chunks taken by the threads as they come free (a core slowed by a neighbour does fewer), about four
+     * a thread, each with buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) within dims[F_CHUNK]
+     * bytes: a long or wide model does not take several buffers of the whole batch at once */
+    const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
+    int64_t rows = (B + 4 * nt - 1) / (4 * nt);
+    if (rows * per_row > dims[F_CHUNK]) rows = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
+    if (rows < 1) rows = 1;
+    const int64_t chunks = (B + rows - 1) / rows;
     int failed = 0;
 #pragma omp parallel num_threads((int)nt) reduction(| : failed)
     {
-        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
         const int one = 1;
         const int prev = c.set_threads ? c.set_threads(&one) : 0;
-        const int64_t b0 = w * B / n, b1 = (w + 1) * B / n;
-        /* rows in chunks whose buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) stay within
-         * dims[F_CHUNK] bytes: a long or wide model does not take several buffers of the whole batch at once */
-        const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
-        const int64_t chunk = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
-        for (int64_t b = b0; b < b1 && !failed; b += chunk)
-            failed |= forward_rows(&c, dims, fp, ptr, b, b1 - b < chunk ? b1 - b : chunk) != 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < chunks; k++)
+            if (!failed) failed |= forward_rows(&c, dims, fp, ptr, k * rows, B - k * rows < rows ? B - k * rows : rows);
         if (c.set_threads) c.set_threads(&prev);
     }
     return failed ? -1 : 0;
@@ -820,11 +823,11 @@ int64_t fdpg_attention(const int64_t *dims, const double *fp, void *const *ptr) 
     const int64_t items = dims[A_B] * dims[A_HKV];
     int64_t nt = dims[A_THREADS] < 1 ? 1 : dims[A_THREADS];
     if (nt > items) nt = items > 0 ? items : 1;
+    /* chunks of consecutive items (they share cache lines) taken by the threads as they come free */
+    const int64_t per = (items + 8 * nt - 1) / (8 * nt), chunks = per ? (items + per - 1) / per : 0;
     int failed = 0;
-#pragma omp parallel num_threads((int)nt) reduction(| : failed)
-    {
-        const int64_t w = omp_get_thread_num(), n = omp_get_num_threads();
-        failed |= attention_items(dims, fp, ptr, w * items / n, (w + 1) * items / n) != 0;
-    }
+#pragma omp parallel for num_threads((int)nt) schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t k = 0; k < chunks; k++)
+        failed |= attention_items(dims, fp, ptr, k * per, items < (k + 1) * per ? items : (k + 1) * per) != 0;
     return failed ? -1 : 0;
 }
