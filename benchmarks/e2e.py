@@ -254,9 +254,9 @@ def peak_memory(device: torch.device, rss_baseline: int | None) -> dict:
 # ==================================================================================================================
 # fdpg row: FdpgPeer (and run_fdpg) drive fdpg.trainer.Trainer (Trainer(config), train_step()). Written against
 # the trainer as it stood on 2026-11-23; adjust here if its API changes. The trainer exposes no per-phase timings,
-# so the phases are taken by wrapping its methods: sampling = Trainer.next_batch, prior scoring = Trainer.score (prior, target, the
-# paired op) less what is nested in it as policy scoring = the policy's forward (fdpg.models._logits/_hidden of the
-# policy) or the replay of its sampling pass (fdpg.decode's replay_logits),
+# so the phases are taken by wrapping its methods: sampling = Trainer.next_batch, prior scoring = Trainer.score
+# (prior, target, the paired op) less what is nested in it as policy scoring = the policy's forward
+# (fdpg.models._logits/_hidden of the policy) or the replay of its sampling pass (fdpg.decode's replay_logits),
 # coefficients = the rest of Trainer.batch_loss (log Z, fdpg_coefficients, surrogate), backward = Tensor.backward,
 # optimizer = clip_grad_norm_ + optimizer.step (step hooks); other = the rest of train_step (zero_grad, scheduler,
 # bookkeeping).

@@ -338,9 +338,9 @@ class _FastDecoder(Decoder):
 
     def _attend_all(self, i: int, q, k, v):
         """Causal attention of every position of ``q [B, s, H, hd]`` over ``k, v [B, s, Hkv, hd]`` under the
-        padding mask -> ``[B * s, H * hd]``. Batched GEMMs with an additive mask on the CPU at up to
-        ``_BMM_MAX_LEN`` positions (SDPA's CPU kernel loops over (row, head) blocks: 2-3x slower forward and
-        backward there), ``scaled_dot_product_attention`` elsewhere."""
+        padding mask -> ``[B * s, H * hd]``. On the CPU the native kernels (:meth:`_attend_native`), else batched
+        GEMMs with an additive mask at up to ``_BMM_MAX_LEN`` positions (SDPA's CPU kernel loops over (row, head)
+        blocks: 2-3x slower forward and backward there); ``scaled_dot_product_attention`` elsewhere."""
         B, s, H, hd = q.shape
         if self.dev.type == "cpu" and self.attention != "sdpa":
             o = self._attend_native(i, (q, k, v))
