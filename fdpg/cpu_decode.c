@@ -69,6 +69,12 @@ typedef struct {
 #define P(c, k) ((c)->ptr[k])
 #define W(c, i, k) ((const real *)(c)->ptr[P_LAYERS + (i) * W_N + (k)])
 
+/* the threads to ask OpenMP for: the number asked, at least 1 and at most one per unit of work */
+static inline int64_t team(int64_t asked, int64_t work) {
+    const int64_t nt = asked < 1 ? 1 : asked;
+    return nt > work ? (work > 0 ? work : 1) : nt;
+}
+
 /* ---- math ------------------------------------------------------------------------------------------------- */
 
 #ifdef FDPG_DOUBLE
@@ -193,6 +199,7 @@ static inline vreal vload(const real *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
+static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
 
 /* The scores sc [n + 1, BM] of a block's first M rows (raw dot products) -> their softmax weights, unnormalised:
  * masked slots out, scaled, exp(s - max); sum [BM] their sums per row */
@@ -258,7 +265,7 @@ static void attend_full(int64_t n, int64_t hd, int64_t B, int64_t ls, const real
     for (int64_t t = 0; t <= n; t++) {
         vreal a = {0};
         for (int64_t j = 0; j < hd; j++) a += vload(q + j * B) * vload(k + t * ls + j * B);
-        memcpy(sc + t * BM, &a, sizeof a);
+        vstore(sc + t * BM, a);
     }
     block_softmax(BM, n, valid, S, scale, sc, sum);
     const vreal inv = (real)1 / vload(sum);
@@ -266,7 +273,7 @@ static void attend_full(int64_t n, int64_t hd, int64_t B, int64_t ls, const real
         vreal a = {0};
         for (int64_t t = 0; t <= n; t++) a += vload(sc + t * BM) * vload(v + t * ls + j * B);
         a *= inv;
-        memcpy(o + j * nb, &a, sizeof a);
+        vstore(o + j * nb, a);
     }
 }
 
@@ -460,8 +467,7 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
     c.ptr = ptr;
     c.gemm = (gemm_fn)ptr[P_GEMM];
     c.set_threads = (threads_fn)ptr[P_THREADS];
-    if (c.nthreads > c.B) c.nthreads = c.B;
-    if (c.nthreads < 1) c.nthreads = 1;
+    c.nthreads = team(c.nthreads, c.B);
     Work *wk = calloc((size_t)c.nthreads, sizeof(Work));
     c.counts = calloc((size_t)c.max_length, sizeof(int));
     c.arrived = calloc((size_t)c.max_length, sizeof(int));
@@ -519,8 +525,7 @@ static int activation_rows(const void *arg) {
 /* rows 0..rows-1 split over up to nthreads threads; 0, or -1 when a block failed */
 static int64_t parallel_rows(int64_t rows, int64_t nthreads, const int64_t *dims, const double *fp, void *const *ptr,
                              int (*body)(const void *)) {
-    int64_t nt = nthreads < 1 ? 1 : nthreads;
-    if (nt > rows) nt = rows > 0 ? rows : 1;
+    const int64_t nt = team(nthreads, rows);
     int failed = 0;
 #pragma omp parallel num_threads((int)nt) reduction(| : failed)
     {
@@ -571,8 +576,6 @@ static inline void mask_scores(const uint8_t *valid, int64_t t, real *restrict s
     for (int64_t j = 0; j < t; j++)
         if (own || !valid[j]) sc[j] = -INFINITY;
 }
-
-static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
 
 /* queries per block: the loads of a key (value) vector shared by QB register accumulators (1, 2, 4, 8 measured:
  * 8 fastest, forward and backward, at head dims 16 and 64) */
@@ -773,7 +776,7 @@ static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void 
         layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
         fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
         gemm(c, 0, M, 3 * d, d, h, d, 0, FW(i, W_ATTN_W), 3 * d, 0, qkv, 3 * d);
-        ok = attend(nb, s, d, H, qkv, o, valid, eps[2]) == 0;
+        if (!(ok = attend(nb, s, d, H, qkv, o, valid, eps[2]) == 0)) break;
         gemm_b(c, 0, M, d, d, o, d, 0, FW(i, W_PROJ_W), d, 0, h, d, 0);
         add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
         layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
@@ -796,8 +799,7 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     c.gemm = (gemm_fn)ptr[Q_GEMM];
     c.set_threads = (threads_fn)ptr[Q_THREADS];
     const int64_t B = dims[F_B];
-    int64_t nt = dims[F_THREADS] < 1 ? 1 : dims[F_THREADS];
-    if (nt > B) nt = B > 0 ? B : 1;
+    const int64_t nt = team(dims[F_THREADS], B);
     /* rows in chunks taken by the threads as they come free (a core slowed by a neighbour does fewer), about four
      * a thread, each with buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) within dims[F_CHUNK]
      * bytes: a long or wide model does not take several buffers of the whole batch at once */
@@ -821,8 +823,7 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
 
 int64_t fdpg_attention(const int64_t *dims, const double *fp, void *const *ptr) {
     const int64_t items = dims[A_B] * dims[A_HKV];
-    int64_t nt = dims[A_THREADS] < 1 ? 1 : dims[A_THREADS];
-    if (nt > items) nt = items > 0 ? items : 1;
+    const int64_t nt = team(dims[A_THREADS], items);
     /* chunks of consecutive items (they share cache lines) taken by the threads as they come free */
     const int64_t per = (items + 8 * nt - 1) / (8 * nt), chunks = per ? (items + per - 1) / per : 0;
     int failed = 0;
