@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -99,8 +100,18 @@ def _compile_with(cc: str, flags: list, double: bool) -> str:
     return out
 
 
+class _Lib(NamedTuple):
+    """The library's entry points for one dtype, and the BLAS pointers they are given."""
+    sample: Callable[..., int]
+    activation: Callable[..., int]
+    forward: Callable[..., int]
+    attention: Callable[..., int]
+    gemm: int
+    set_threads: int | None
+
+
 def _load(dtype):
-    """The native ``fdpg_sample`` for ``dtype`` weights and the BLAS pointers, or the reason (a str) there is none."""
+    """The native library (:class:`_Lib`) for ``dtype`` weights, or the reason (a str) there is none."""
     with _lock:
         if dtype not in _libs:
             try:
@@ -113,7 +124,7 @@ def _load(dtype):
                 for fn in fns:
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                _libs[dtype] = (*fns, gemm[dtype], threads)
+                _libs[dtype] = _Lib(*fns, gemm[dtype], threads)
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 _libs[dtype] = f"{type(e).__name__}: {e}"
                 import warnings
@@ -179,7 +190,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     left as the loop leaves it (``T - 1`` steps fed). None when the native loop cannot run it (the caller loops)."""
     if unavailable_reason(dec) is not None:
         return None
-    fn, _, _, _, gemm, set_threads = _load(dec.wdtype)
+    lib = _load(dec.wdtype)
     B, S, L = dec.B, dec.S, dec.n_layer
     V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
     gen = generator if generator is not None else torch.default_generator
@@ -202,11 +213,11 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     ptrs = [dec.wte, dec.pe, dec.kv, ln_f.weight, ln_f.bias, dec.head_w, dec.head_b, valid, u, logits, tokens, lps,
             rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
-    ptrs = [ptr(t) for t in ptrs] + [gemm, set_threads]
+    ptrs = [ptr(t) for t in ptrs] + [lib.gemm, lib.set_threads]
     for blk in dec.blocks:
         ptrs += [ptr(t) for t in _layer_weights(blk)]
     assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
-    T = _call(fn, dims, fp, ptrs)
+    T = _call(lib.sample, dims, fp, ptrs)
     del keep
     if T < 1:
         raise MemoryError("fdpg.cpu_decode: the sampling loop could not allocate its buffers")
@@ -231,7 +242,7 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
         return None
     if dec.wdtype not in (torch.float32, torch.float64) or _model_reason(dec, []) or _library_reason(dec.wdtype):
         return None
-    _, _, fn, _, gemm, set_threads = _load(dec.wdtype)
+    lib = _load(dec.wdtype)
     B, s = ids.shape
     ids = ids.contiguous()
     if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < dec.wte.shape[0]):
@@ -243,10 +254,10 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     fp = _norms_and_scales(dec)
     keep = [ids, valid, out]                                              # alive during the call
     ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
-                                                        dec.final_norm.bias)] + [gemm, set_threads]
+                                                        dec.final_norm.bias)] + [lib.gemm, lib.set_threads]
     ptrs += [t.data_ptr() for t in weights]
     assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + _W_PER_LAYER * dec.n_layer
-    failed = _call(fn, dims, fp, ptrs) != 0     # its buffers could not be allocated: the torch forward runs
+    failed = _call(lib.forward, dims, fp, ptrs) != 0     # its buffers could not be allocated: the torch forward runs
     del keep
     return None if failed else out
 
@@ -256,13 +267,13 @@ def _call(fn, dims, fp, ptrs) -> int:
               (ctypes.c_void_p * len(ptrs))(*ptrs))
 
 
-def _native_ok(*ts) -> bool:
-    """Tensors the no-grad helpers below can take: CPU, float32/64 alike, no autograd wanted, the native library
-    loaded."""
+def _native_ok(*ts, autograd: bool = False) -> bool:
+    """Tensors the helpers below can take: CPU, float32/64 alike, the native library loaded, and (unless
+    ``autograd``: the helper has a backward) no autograd wanted."""
     t = ts[0]
     return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
             and all(x.dtype == t.dtype and x.device == t.device for x in ts)
-            and not (torch.is_grad_enabled() and any(x.requires_grad for x in ts))
+            and (autograd or not (torch.is_grad_enabled() and any(x.requires_grad for x in ts)))
             and _library_reason(t.dtype) is None)
 
 
@@ -278,7 +289,7 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     y = torch.empty_like(x)
     n = x.shape[-1]
     dims = [x.numel() // n, kind, n, torch.get_num_threads()]                  # as Job.dims in cpu_decode.c
-    _call(_load(x.dtype)[1], dims, [], [x.data_ptr(), y.data_ptr()])
+    _call(_load(x.dtype).activation, dims, [], [x.data_ptr(), y.data_ptr()])
     return y
 
 
@@ -292,7 +303,7 @@ def attention(qkv, valid: torch.Tensor | None, scale: float, n_head: int, n_kv: 
     from each query's saved log-sum-exp). None where the native library cannot take it (another device, dtypes
     other than float32/64, autocast; the caller runs its torch attention)."""
     ts = qkv if isinstance(qkv, tuple) else (qkv,)
-    if torch.is_autocast_enabled("cpu") or not _native_ok(*(t.detach() for t in ts)):
+    if torch.is_autocast_enabled("cpu") or not _native_ok(*ts, autograd=True):
         return None
     if valid is not None:
         valid = valid.to(torch.uint8).contiguous()
@@ -319,7 +330,7 @@ def _attention_call(mode: int, views: list, valid, scale: float, n_head: int, n_
         dims += list(st)
         ptrs.append(None if t is None else t.data_ptr() + off * t.element_size())
     ptrs += [views[-1].data_ptr(), None if valid is None else valid.data_ptr()]
-    if _call(_load(q.dtype)[3], dims, [scale], ptrs) != 0:
+    if _call(_load(q.dtype).attention, dims, [scale], ptrs) != 0:
         raise MemoryError("fdpg.cpu_decode.attention: could not allocate its per-thread buffers")
 
 
