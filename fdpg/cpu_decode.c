@@ -1,10 +1,11 @@
 /* fdpg's CPU sampling loop for GPT-2: every decoding step and every draw of one sampling pass in one native call.
  *
- * Built and loaded by fdpg/cpu_decode.py (plain C, no torch headers: compiled in about a second at first use). The
- * GEMMs go to the BLAS inside torch (MKL's sgemm_/dgemm_, passed in as a function pointer); everything else is
- * here. The batch is split into one block of rows per thread and each thread runs its rows through the whole pass
- * (each sequence decodes independently): no synchronisation (the stop checks count rows, no thread waits for
- * another), and each thread's GEMMs run single-threaded (MKL's thread-local setting). The threads are OpenMP's:
+ * Built and loaded by fdpg/cpu_decode.py (plain C, no torch headers: compiled in about a second at first use),
+ * GEMMs included (gemm below: register tiles over the weights in place; MKL's sgemm, which runs its AVX2 code on
+ * AMD processors and packs the weights at every call, ran these small-M GEMMs at a third of this). The batch is
+ * split into one block of rows per thread and each thread runs its rows through the whole pass (each sequence
+ * decodes independently): no synchronisation (the stop checks count rows, no thread waits for another), and each
+ * thread's GEMMs run on that thread. The threads are OpenMP's:
  * linked against the libgomp that torch has loaded, its own thread pool (a thread of our own would compete for a
  * core with torch's idle OpenMP workers, which spin for a while after each parallel op). Per step and row: token +
  * position embedding, per layer LayerNorm, the QKV projection written into the slab slot, single-query attention
@@ -39,13 +40,9 @@ typedef double real;
 typedef float real;
 #endif
 
-typedef void (*gemm_fn)(const char *, const char *, const int *, const int *, const int *, const real *,
-                        const real *, const int *, const real *, const int *, const real *, real *, const int *);
-typedef int (*threads_fn)(const int *);   /* MKL's Fortran-style mkl_set_num_threads_local */
-
 enum { D_L, D_B, D_S, D_D, D_H, D_F, D_V, D_ACT, D_P, D_MAXLEN, D_EOS, D_PAD, D_EVERY, D_THREADS, D_N };
 enum { P_WTE, P_PE, P_SLAB, P_LNF_W, P_LNF_B, P_HEAD_W, P_HEAD_B, P_VALID, P_U, P_LOGITS0, P_TOKENS, P_LP,
-       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_DACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_GEMM, P_THREADS, P_LAYERS };
+       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_DACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_LAYERS };
 enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_PROJ_W, W_PROJ_B, W_LN2_W, W_LN2_B, W_FC_W, W_FC_B, W_MLP_W,
        W_MLP_B, W_N };
 enum { ACT_GELU_TANH, ACT_GELU_ERF, ACT_RELU };
@@ -54,8 +51,7 @@ typedef struct {
     int64_t L, B, S, d, H, F, V, act, P, max_length, eos, pad, every, nthreads;
     const double *fp;          /* eps of ln_f, then per layer eps of ln_1, ln_2 and the attention scale */
     void *const *ptr;
-    gemm_fn gemm;
-    threads_fn set_threads;
+    real *head_t;              /* [d, V]: the output layer's weight transposed, for gemm */
     int *counts;               /* [max_length]: rows done at each stop check, summed over threads */
     int *arrived;              /* [max_length]: threads that have added their rows to counts[t] */
 } Ctx;
@@ -146,21 +142,79 @@ static void activation(const real *restrict x, real *restrict y, real *restrict 
     }
 }
 
-/* C[M, N] = beta C + op(A)[M, K] @ op(W)[K, N], row-major meaning (gemm: beta = 1); a_t: A stored [K, M]; w_t: W
- * stored [N, K]; c_t: C stored [N, M]. BLAS is column-major: a row-major [r, c] block is its transpose there. */
-static void gemm_b(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
-                   const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc, real beta) {
-    const real one = 1;
-    int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lw = (int)ldw, lc = (int)ldc;
-    if (!c_t)   /* C^T [N, M] = op(W)^T [N, K] @ op(A)^T [K, M] */
-        c->gemm(w_t ? "T" : "N", a_t ? "T" : "N", &n, &m, &k, &one, Wt, &lw, A, &la, &beta, C, &lc);
-    else        /* C [M, N] = op(A) [M, K] @ op(W) [K, N] */
-        c->gemm(a_t ? "N" : "T", w_t ? "N" : "T", &m, &n, &k, &one, A, &la, Wt, &lw, &beta, C, &lc);
+/* ---- GEMM: C [M, N] (row stride ldc) = C (beta 1) or 0 (beta 0) + A [M, K] @ W [K, N] (row stride ldw) --------
+ * A (m, k) at A + m * am + k * ak (A row-major: am = lda, ak = 1; stored [K, M]: am = 1, ak = lda). Tiles of MR rows
+ * by two vectors of columns, accumulated in registers over the whole K: per k, two vector loads of W's row, MR
+ * broadcasts of A, 2 MR FMAs. The weights are read in place (the tile's column block of W, K rows of two vectors,
+ * stays in L1/L2 while the row tiles pass): no packing. 90% of the FMA peak at the model's shapes (AVX-512, one
+ * core: 215-237 GFLOP/s float32 at M = 32 and 512, K, N = 128 to 512; 167 at K = 768, N = 2304). */
+#ifdef __AVX512F__
+enum { GV = 64 / (int)sizeof(real), MR = 8 };   /* 16 accumulators of 32 vector registers */
+#else
+enum { GV = 32 / (int)sizeof(real), MR = 6 };   /* 12 of 16 (AVX2) */
+#endif
+typedef real greal __attribute__((vector_size(GV * sizeof(real))));
+static inline greal gload(const real *p) {
+    greal v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void gstore(real *p, greal v) { memcpy(p, &v, sizeof v); }
+
+#define GEMM_TILE(R)                                                                                              \
+    static inline __attribute__((always_inline)) void tile##R(int64_t K, const real *A, int64_t am, int64_t ak,  \
+                                                               const real *W, int64_t ldw, real *C, int64_t ldc,  \
+                                                               int beta) {                                        \
+        greal c0[R], c1[R];                                                                                       \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) c0[r] = c1[r] = (greal){0};                          \
+        for (int64_t k = 0; k < K; k++) {                                                                         \
+            const greal w0 = gload(W + k * ldw), w1 = gload(W + k * ldw + GV);                                    \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                 \
+                const greal a = (greal){0} + A[r * am + k * ak];                                                  \
+                c0[r] += a * w0;                                                                                  \
+                c1[r] += a * w1;                                                                                  \
+            }                                                                                                     \
+        }                                                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                     \
+            real *cr = C + r * ldc;                                                                               \
+            if (beta) c0[r] += gload(cr), c1[r] += gload(cr + GV);                                                \
+            gstore(cr, c0[r]);                                                                                    \
+            gstore(cr + GV, c1[r]);                                                                               \
+        }                                                                                                         \
+    }
+GEMM_TILE(MR)
+GEMM_TILE(4)
+GEMM_TILE(2)
+GEMM_TILE(1)
+#define TILE_(r) tile##r
+#define TILE(r) TILE_(r)
+
+static void gemm_b(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W,
+                   int64_t ldw, real *C, int64_t ldc, int beta) {
+    const int64_t NB = 2 * GV, Nf = N - N % NB;
+    for (int64_t n0 = 0; n0 < Nf; n0 += NB) {
+        const real *w = W + n0;
+        real *c = C + n0;
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR) TILE(MR)(K, A + m * am, am, ak, w, ldw, c + m * ldc, ldc, beta);
+        for (; m + 4 <= M; m += 4) tile4(K, A + m * am, am, ak, w, ldw, c + m * ldc, ldc, beta);
+        for (; m + 2 <= M; m += 2) tile2(K, A + m * am, am, ak, w, ldw, c + m * ldc, ldc, beta);
+        for (; m < M; m++) tile1(K, A + m * am, am, ak, w, ldw, c + m * ldc, ldc, beta);
+    }
+    for (int64_t m = 0; Nf < N && m < M; m++) {     /* the last N % NB columns */
+        real *restrict cr = C + m * ldc;
+        for (int64_t n = Nf; n < N; n++) cr[n] = beta ? cr[n] : 0;
+        for (int64_t k = 0; k < K; k++) {
+            const real a = A[m * am + k * ak], *restrict wk = W + k * ldw;
+#pragma omp simd
+            for (int64_t n = Nf; n < N; n++) cr[n] += a * wk[n];
+        }
+    }
 }
 
-static void gemm(const Ctx *c, int c_t, int64_t M, int64_t N, int64_t K, const real *A, int64_t lda, int a_t,
-                 const real *Wt, int64_t ldw, int w_t, real *C, int64_t ldc) {
-    gemm_b(c, c_t, M, N, K, A, lda, a_t, Wt, ldw, w_t, C, ldc, 1);
+static void gemm(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W, int64_t ldw,
+                 real *C, int64_t ldc) {
+    gemm_b(M, N, K, A, am, ak, W, ldw, C, ldc, 1);
 }
 
 /* rows of n at stride ld: the bias, or 0 */
@@ -180,7 +234,7 @@ static void add_rows(real *restrict x, const real *restrict y, int64_t rows, int
 /* ---- one decoding step for rows b0 .. b0+nb-1 at slot n -------------------------------------------------- */
 
 typedef struct {
-    real *x, *h, *o, *t_d, *f, *g, *logits, *sc;
+    real *x, *h, *o, *t_d, *f, *g, *logits, *sc, *qkv;
 } Buf;
 
 /* row b0 of recording k at layer i and slot n (rows at stride S * w), or buf (rows at stride w) */
@@ -313,25 +367,25 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
         layer_norm(bf->x, bf->h, nb, d, W(c, i, W_LN1_W), W(c, i, W_LN1_B), eps[0]);
         real *slot = (real *)P(c, P_SLAB) + ((i * c->S + n) * 3 * d) * B + b0;      /* [3d, B] at column b0 */
         const real *ab = W(c, i, W_ATTN_B);
-        for (int64_t j = 0; j < 3 * d; j++)
-            for (int64_t m = 0; m < nb; m++) slot[j * B + m] = ab[j];
-        gemm(c, 1, nb, 3 * d, d, bf->h, d, 0, W(c, i, W_ATTN_W), 3 * d, 0, slot, B);
+        gemm_b(nb, 3 * d, d, bf->h, d, 1, W(c, i, W_ATTN_W), 3 * d, bf->qkv, 3 * d, 0);
+        for (int64_t j = 0; j < 3 * d; j++)                                         /* + bias, transposed */
+            for (int64_t m = 0; m < nb; m++) slot[j * B + m] = ab[j] + bf->qkv[m * 3 * d + j];
         attention(c, wk, bf, i, n);
         int64_t ly, lf, lg, ldg;
         real *y = rec_at(c, P_REC_PROJ, i, n, b0, d, bf->t_d, &ly);
         fill_rows(y, W(c, i, W_PROJ_B), nb, d, ly);
-        gemm(c, 0, nb, d, d, bf->o, nb, 1, W(c, i, W_PROJ_W), d, 0, y, ly);
+        gemm(nb, d, d, bf->o, 1, nb, W(c, i, W_PROJ_W), d, y, ly);
         add_rows(bf->x, y, nb, d, ly);
         layer_norm(bf->x, bf->h, nb, d, W(c, i, W_LN2_W), W(c, i, W_LN2_B), eps[1]);
         real *f = rec_at(c, P_REC_FC, i, n, b0, F, bf->f, &lf), *g = rec_at(c, P_REC_ACT, i, n, b0, F, bf->g, &lg);
         real *dg = rec_at(c, P_REC_DACT, i, n, b0, F, NULL, &ldg);
         fill_rows(f, W(c, i, W_FC_B), nb, F, lf);
-        gemm(c, 0, nb, F, d, bf->h, d, 0, W(c, i, W_FC_W), F, 0, f, lf);
+        gemm(nb, F, d, bf->h, d, 1, W(c, i, W_FC_W), F, f, lf);
         for (int64_t m = 0; m < nb; m++)
             activation(f + m * lf, g + m * lg, dg ? dg + m * ldg : NULL, F, c->act, NULL);
         y = rec_at(c, P_REC_MLP, i, n, b0, d, bf->t_d, &ly);
         fill_rows(y, W(c, i, W_MLP_B), nb, d, ly);
-        gemm(c, 0, nb, d, F, g, lg, 0, W(c, i, W_MLP_W), d, 0, y, ly);
+        gemm(nb, d, F, g, lg, 1, W(c, i, W_MLP_W), d, y, ly);
         add_rows(bf->x, y, nb, d, ly);
     }
     layer_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), (const real *)P(c, P_LNF_B), c->fp[0]);
@@ -339,7 +393,7 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
     *ldz = z ? c->S * V : V;
     z = z ? z + (b0 * c->S + n) * V : bf->logits;
     fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
-    gemm(c, 0, nb, V, d, bf->h, d, 0, (const real *)P(c, P_HEAD_W), d, 1, z, *ldz);
+    gemm(nb, V, d, bf->h, d, 1, c->head_t, V, z, *ldz);
     return z;
 }
 
@@ -391,8 +445,6 @@ static void *run_rows(void *arg) {
     Work *wk = (Work *)arg;
     Ctx *c = wk->c;
     const int64_t d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0, B = c->B, T = c->max_length;
-    const int one = 1;
-    int prev_threads = c->set_threads ? c->set_threads(&one) : 0;
     size_t nr = (size_t)nb;
     Buf bf;
     bf.x = malloc(nr * d * sizeof(real));
@@ -403,10 +455,11 @@ static void *run_rows(void *arg) {
     bf.g = malloc(nr * F * sizeof(real));
     bf.logits = malloc(nr * V * sizeof(real));
     bf.sc = malloc(BM * c->S * sizeof(real));
+    bf.qkv = malloc(nr * 3 * d * sizeof(real));
     float *p = malloc((size_t)V * sizeof(float));
     int64_t *tok = malloc(nr * sizeof(int64_t));
     uint8_t *done = calloc(nr, 1);
-    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && p && tok && done;
+    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && bf.qkv && p && tok && done;
     /* every thread takes part in every stop check, also one whose buffers failed (it reports its rows as not done
      * so that the pass runs to the end, and the caller raises) */
     const real *z = (const real *)P(c, P_LOGITS0) + b0 * V;
@@ -450,8 +503,8 @@ static void *run_rows(void *arg) {
         if (ok) z = step(c, wk, &bf, c->P + t, tok, &ldz);
     }
     free(bf.x), free(bf.h), free(bf.o), free(bf.t_d), free(bf.f), free(bf.g), free(bf.logits), free(bf.sc);
+    free(bf.qkv);
     free(p), free(tok), free(done);
-    if (c->set_threads) c->set_threads(&prev_threads);
     wk->status = ok ? 0 : -1;
     return NULL;
 }
@@ -465,16 +518,20 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
     for (int k = 0; k < D_N; k++) dst[k] = dims[k];
     c.fp = fp;
     c.ptr = ptr;
-    c.gemm = (gemm_fn)ptr[P_GEMM];
-    c.set_threads = (threads_fn)ptr[P_THREADS];
     c.nthreads = team(c.nthreads, c.B);
     Work *wk = calloc((size_t)c.nthreads, sizeof(Work));
     c.counts = calloc((size_t)c.max_length, sizeof(int));
     c.arrived = calloc((size_t)c.max_length, sizeof(int));
-    if (!wk || !c.counts || !c.arrived) {
-        free(wk), free(c.counts), free(c.arrived);
+    c.head_t = malloc((size_t)c.d * c.V * sizeof(real));
+    if (!wk || !c.counts || !c.arrived || !c.head_t) {
+        free(wk), free(c.counts), free(c.arrived), free(c.head_t);
         return -1;
     }
+    const real *head = (const real *)ptr[P_HEAD_W];                  /* [V, d] -> [d, V], in blocks of 16 x 16 */
+    for (int64_t v0 = 0; v0 < c.V; v0 += 16)
+        for (int64_t j0 = 0; j0 < c.d; j0 += 16)
+            for (int64_t v = v0; v < v0 + 16 && v < c.V; v++)
+                for (int64_t j = j0; j < j0 + 16 && j < c.d; j++) c.head_t[j * c.V + v] = head[v * c.d + j];
     /* the rows split among the team as it started (OpenMP may give fewer threads than asked) */
 #pragma omp parallel num_threads((int)c.nthreads)
     {
@@ -500,7 +557,7 @@ int64_t fdpg_sample(const int64_t *dims, const double *fp, void *const *ptr) {
             T = t + 1;
             break;
         }
-    free(wk), free(c.counts), free(c.arrived);
+    free(wk), free(c.counts), free(c.arrived), free(c.head_t);
     return result ? result : T;
 }
 
@@ -729,7 +786,7 @@ static int attention_items(const int64_t *dims, const double *fp, void *const *p
  * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
  * MKL per thread). */
 enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_N };
-enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_GEMM, Q_THREADS, Q_LAYERS };
+enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_LAYERS };
 
 /* x += y + bias, rows of n (contiguous) */
 static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
@@ -755,7 +812,7 @@ static int attend(int64_t nb, int64_t s, int64_t d, int64_t H, const real *qkv, 
 }
 
 /* rows b0 .. b0 + nb - 1 through the model; 0, or -1 when out of memory */
-static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
+static int forward_rows(const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
     const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], act = fd[F_ACT];
     const int64_t M = nb * s;
     const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
@@ -775,14 +832,14 @@ static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void 
         const double *eps = fp + 1 + 3 * i;
         layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
         fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
-        gemm(c, 0, M, 3 * d, d, h, d, 0, FW(i, W_ATTN_W), 3 * d, 0, qkv, 3 * d);
+        gemm(M, 3 * d, d, h, d, 1, FW(i, W_ATTN_W), 3 * d, qkv, 3 * d);
         if (!(ok = attend(nb, s, d, H, qkv, o, valid, eps[2]) == 0)) break;
-        gemm_b(c, 0, M, d, d, o, d, 0, FW(i, W_PROJ_W), d, 0, h, d, 0);
+        gemm_b(M, d, d, o, d, 1, FW(i, W_PROJ_W), d, h, d, 0);
         add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
         layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
-        gemm_b(c, 0, M, F, d, h, d, 0, FW(i, W_FC_W), F, 0, f, F, 0);
+        gemm_b(M, F, d, h, d, 1, FW(i, W_FC_W), F, f, F, 0);
         for (int64_t m = 0; m < M; m++) activation(f + m * F, g + m * F, NULL, F, act, FW(i, W_FC_B));
-        gemm_b(c, 0, M, d, F, g, F, 0, FW(i, W_MLP_W), d, 0, h, d, 0);
+        gemm_b(M, d, F, g, F, 1, FW(i, W_MLP_W), d, h, d, 0);
         add_bias_rows(x, h, FW(i, W_MLP_B), M, d);
     }
 #undef FW
@@ -794,10 +851,6 @@ static int forward_rows(const Ctx *c, const int64_t *fd, const double *fp, void 
 }
 
 int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
-    Ctx c;
-    memset(&c, 0, sizeof c);
-    c.gemm = (gemm_fn)ptr[Q_GEMM];
-    c.set_threads = (threads_fn)ptr[Q_THREADS];
     const int64_t B = dims[F_B];
     const int64_t nt = team(dims[F_THREADS], B);
     /* rows in chunks taken by the threads as they come free (a core slowed by a neighbour does fewer), about four
@@ -811,12 +864,9 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     int failed = 0;
 #pragma omp parallel num_threads((int)nt) reduction(| : failed)
     {
-        const int one = 1;
-        const int prev = c.set_threads ? c.set_threads(&one) : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < chunks; k++)
-            if (!failed) failed |= forward_rows(&c, dims, fp, ptr, k * rows, B - k * rows < rows ? B - k * rows : rows);
-        if (c.set_threads) c.set_threads(&prev);
+            if (!failed) failed |= forward_rows(dims, fp, ptr, k * rows, B - k * rows < rows ? B - k * rows : rows);
     }
     return failed ? -1 : 0;
 }

@@ -4,8 +4,9 @@ the no-grad scoring forward (the prior's pass, :func:`forward`) in another; and 
 
 On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
 Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
-(each thread runs its rows through the whole pass: sequences decode independently) and the GEMMs in the BLAS
-that torch links (MKL's ``sgemm_``/``dgemm_``, single-threaded per thread). It computes what the Python loop of
+(each thread runs its rows through the whole pass: sequences decode independently), GEMMs included (the C file's
+own register-tiled kernel: MKL's sgemm ran these small-M GEMMs at a third of its rate on AMD's AVX-512 cores). It
+computes what the Python loop of
 :func:`fdpg.sampling.sample` computes over :class:`fdpg.decode._GPT2`'s slab: the same cache, the same recording
 (so ``Samples.replay`` works alike), the same draws from the same uniforms (the generator consumed alike), to
 float rounding.
@@ -13,8 +14,8 @@ float rounding.
 The library is compiled at first use with the C compiler (``$CC``, else ``cc``/``gcc``; about a second, no torch
 headers) into ``$FDPG_CACHE_DIR`` (default ``~/.cache/fdpg``), keyed by the source, the flags and the CPU; with
 OpenMP (its threads those of the libgomp torch loaded), else single-threaded.
-``FDPG_CPU_DECODE=0`` turns it off; without a compiler, or with a torch whose BLAS is not MKL, sampling takes the
-Python loop (:func:`unavailable_reason` says why).
+``FDPG_CPU_DECODE=0`` turns it off; without a compiler sampling takes the Python loop (:func:`unavailable_reason`
+says why).
 """
 from __future__ import annotations
 
@@ -35,28 +36,14 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
-_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 21, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
-_N_FDIMS, _N_FPTRS = 9, 9                         # as F_N and Q_LAYERS (fdpg_forward)
+_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 19, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_N_FDIMS, _N_FPTRS = 9, 7                         # as F_N and Q_LAYERS (fdpg_forward)
 # the native forward's working buffers per chunk of rows, at most (about): rows go through in chunks of about a
 # quarter of a thread's share, taken by the threads as they come free, and smaller where a chunk would pass this
 # (at the tiny benchmark config 16 rows of 32 positions, 3.7 MB, ran 20% faster than 64 rows, 14.7 MB, on one thread)
 FORWARD_CHUNK_BYTES = 4 << 20
 _lock = threading.Lock()
 _libs: dict = {}                                  # dtype -> the loaded function, or the reason there is none
-
-
-def _blas():
-    """``(gemm pointers {dtype: address}, mkl_set_num_threads_local address or None)`` from torch's library."""
-    if not torch.backends.mkl.is_available():
-        raise OSError("torch's BLAS is not MKL")
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-    gemm = {torch.float32: ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
-            torch.float64: ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
-    try:
-        threads = ctypes.cast(lib.mkl_set_num_threads_local, ctypes.c_void_p).value
-    except AttributeError:
-        threads = None
-    return gemm, threads
 
 
 def _cpu_key() -> str:
@@ -101,13 +88,11 @@ def _compile_with(cc: str, flags: list, double: bool) -> str:
 
 
 class _Lib(NamedTuple):
-    """The library's entry points for one dtype, and the BLAS pointers they are given."""
+    """The library's entry points for one dtype."""
     sample: Callable[..., int]
     activation: Callable[..., int]
     forward: Callable[..., int]
     attention: Callable[..., int]
-    gemm: int
-    set_threads: int | None
 
 
 def _load(dtype):
@@ -118,13 +103,12 @@ def _load(dtype):
                 cc = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
                 if cc is None:
                     raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
-                gemm, threads = _blas()
                 lib = ctypes.CDLL(_compile(cc, dtype == torch.float64))
                 fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward, lib.fdpg_attention]
                 for fn in fns:
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                _libs[dtype] = _Lib(*fns, gemm[dtype], threads)
+                _libs[dtype] = _Lib(*fns)
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 _libs[dtype] = f"{type(e).__name__}: {e}"
                 import warnings
@@ -213,7 +197,7 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     ptrs = [dec.wte, dec.pe, dec.kv, ln_f.weight, ln_f.bias, dec.head_w, dec.head_b, valid, u, logits, tokens, lps,
             rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
             dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
-    ptrs = [ptr(t) for t in ptrs] + [lib.gemm, lib.set_threads]
+    ptrs = [ptr(t) for t in ptrs]
     for blk in dec.blocks:
         ptrs += [ptr(t) for t in _layer_weights(blk)]
     assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
@@ -254,7 +238,7 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
     fp = _norms_and_scales(dec)
     keep = [ids, valid, out]                                              # alive during the call
     ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
-                                                        dec.final_norm.bias)] + [lib.gemm, lib.set_threads]
+                                                        dec.final_norm.bias)]
     ptrs += [t.data_ptr() for t in weights]
     assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + _W_PER_LAYER * dec.n_layer
     failed = _call(lib.forward, dims, fp, ptrs) != 0     # its buffers could not be allocated: the torch forward runs

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_decode
+from .cpu_gemm import linear, linear_grads
 
 __all__ = ["decoder", "fast_path_reason", "Decoder", "hidden_states"]
 
@@ -652,7 +653,7 @@ class _FastDecoder(Decoder):
         out = self._rec_logits[:, slot] if self.recording else None
         h = h if normed else self._final_norm(h)
         if out is None:
-            return F.linear(h, self.head_w, self.head_b)
+            return linear(h, self.head_w, self.head_b)
         if self.head_b is None:
             return torch.mm(h, self.head_w.t(), out=out)
         return torch.addmm(self.head_b, h, self.head_w.t(), out=out)
@@ -672,17 +673,17 @@ class _FastDecoder(Decoder):
     def _gemm(self, name: str, i: int, bias, h, w):
         """``h @ w + bias`` (``w [in, out]``), written into its record at the current slot when recording."""
         if not self.recording or name not in self._rec:
-            return torch.addmm(bias, h, w)
+            return linear(h, w, bias, w_out_in=False)
         if self._prefilling:
-            return self._keep(name, i, torch.addmm(bias, h, w))
+            return self._keep(name, i, linear(h, w, bias, w_out_in=False))
         return torch.addmm(bias, h, w, out=self._rec[name][i][:, self.n])
 
     def _linear(self, name: str, i: int, lin, h):
         """``lin(h)`` (``h [rows, in]``, a Linear's ``weight [out, in]``), recorded like :meth:`_gemm`."""
         if not self.recording:
-            return F.linear(h, lin.weight, lin.bias)
+            return linear(h, lin.weight, lin.bias)
         if self._prefilling:
-            return self._keep(name, i, F.linear(h, lin.weight, lin.bias))
+            return self._keep(name, i, linear(h, lin.weight, lin.bias))
         out = self._rec[name][i][:, self.n]
         if lin.bias is None:
             return torch.mm(h, lin.weight.t(), out=out)
@@ -823,7 +824,7 @@ class _GPT2(_FastDecoder):
 
     def _qkv(self, i, h, s):
         c_attn = self.blocks[i][1]
-        return torch.addmm(c_attn.bias, h, c_attn.weight).view(self.B, s, 3, self.n_head, self.hd).unbind(2)
+        return linear(h, c_attn.weight, c_attn.bias, w_out_in=False).view(self.B, s, 3, self.n_head, self.hd).unbind(2)
 
     def _qkv_slab(self, i, h, slot):
         bias, w_t = self.qkv_t[i]                                  # slot [3D, B] = W^T h^T + b
@@ -946,13 +947,13 @@ class _Llama(_FastDecoder):
         cos, sin = self._rope(s)
         if self.fused is not None:          # one GEMM; q and k rotated together, k and v left side by side
             qkv = self.fused[i][0]
-            y = F.linear(h, qkv.weight, qkv.bias).view(B, s, H + 2 * Hkv, hd)
+            y = linear(h, qkv.weight, qkv.bias).view(B, s, H + 2 * Hkv, hd)
             qk = _rotary(y[:, :, :H + Hkv], cos, sin, not torch.is_grad_enabled())
             return qk[:, :, :H], qk[:, :, H:], y[:, :, H + Hkv:]
         _, qp, kp, vp = self.blocks[i][:4]
-        q = self._keep("q", i, F.linear(h, qp.weight, qp.bias)).view(B, s, H, hd)
-        k = self._keep("k", i, F.linear(h, kp.weight, kp.bias)).view(B, s, Hkv, hd)
-        v = F.linear(h, vp.weight, vp.bias).view(B, s, Hkv, hd)
+        q = self._keep("q", i, linear(h, qp.weight, qp.bias)).view(B, s, H, hd)
+        k = self._keep("k", i, linear(h, kp.weight, kp.bias)).view(B, s, Hkv, hd)
+        v = linear(h, vp.weight, vp.bias).view(B, s, Hkv, hd)
         inplace = not torch.is_grad_enabled()                     # fresh GEMM outputs (recorded ones copied)
         return _rotary(q, cos, sin, inplace), _rotary(k, cos, sin, inplace), v
 
@@ -975,7 +976,7 @@ class _Llama(_FastDecoder):
         _, _, _, _, _, _, gp, up, act, dp = self.blocks[i]
         if self.fused is not None:                                # gate and up in one GEMM
             gu = self.fused[i][1]
-            g, u = F.linear(h, gu.weight, gu.bias).chunk(2, -1)
+            g, u = linear(h, gu.weight, gu.bias).chunk(2, -1)
         else:
             g, u = self._linear("gate", i, gp, h), self._linear("up", i, up, h)
         return self._linear("down", i, dp, act(g) * u)
@@ -1019,12 +1020,10 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h, w = ctx.saved_tensors
-        dy2, h2 = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = (dy2 @ (w if ctx.w_out_in else w.t())).view(h.shape) if need_h else None
-        dw = (dy2.t() @ h2 if ctx.w_out_in else h2.t() @ dy2) if need_w else None
-        db = dy2.sum(0) if need_b and ctx.has_b else None
-        return dh, dw, db, None, None
+        dh, dw, db = linear_grads(dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1]), w, ctx.w_out_in,
+                                  (need_h, need_w, need_b and ctx.has_b))
+        return None if dh is None else dh.view(h.shape), dw, db, None, None
 
 
 # Hugging Face's GELU modules and the form of their function (F.gelu's ``approximate``): their recorded outputs
@@ -1052,11 +1051,10 @@ class _ReplayGELULinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, dg_df, w = ctx.saved_tensors
-        dy2, g2 = dy.reshape(-1, dy.shape[-1]), g.reshape(-1, g.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
         need_f, _, _, need_w, need_b, _ = ctx.needs_input_grad
-        df = (dy2 @ w.t()).mul_(dg_df.reshape(g2.shape)).view(g.shape) if need_f else None
-        dw = g2.t() @ dy2 if need_w else None
-        db = dy2.sum(0) if need_b and ctx.has_b else None
+        df, dw, db = linear_grads(dy.reshape(-1, dy.shape[-1]), g2, w, False, (need_f, need_w, need_b and ctx.has_b))
+        df = None if df is None else df.mul_(dg_df.reshape(g2.shape)).view(g.shape)
         return df, None, None, dw, db, None
 
 

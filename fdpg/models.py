@@ -18,6 +18,7 @@ import torch
 
 import fdpg
 from .config import ConfigError
+from .cpu_gemm import linear
 
 __all__ = ["quiet", "build_tiny", "load_model", "vocab_size", "eos_token_id", "bos_token_id",
            "use_fused_output", "score_tokens", "score_sequences", "model_inputs"]
@@ -221,7 +222,9 @@ def _logits(model, inp: ModelInputs, sl: slice = slice(None)) -> torch.Tensor:
     """The logits ``[B, len(sl), V]`` at positions ``sl`` (the output layer on those positions only)."""
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and hasattr(model, "base_model") and model.base_model is not model:
-        return head(_hidden(model, inp, sl.stop)[:, sl])
+        h = _hidden(model, inp, sl.stop)[:, sl]
+        plain = type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+        return linear(h, head.weight, head.bias) if plain else head(h)     # linear: oneDNN on the CPU
     return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
                  use_cache=False).logits[:, sl]
 

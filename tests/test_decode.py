@@ -120,6 +120,56 @@ def test_hidden_states_and_grads_equal_the_models_forward(name, attention, monke
     torch.testing.assert_close(h, ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-bias-rope"])
+def test_float32_passes_through_onednn(name, monkeypatch):
+    """float32 on the CPU, every GEMM through oneDNN (fdpg.cpu_gemm, forced at these sizes): the scoring pass with
+    autograd, and the replayed sampling pass, against the float64 model's forward and gradients."""
+    import copy
+
+    from fdpg import cpu_gemm
+
+    if cpu_gemm.onednn_reason() is not None:
+        pytest.skip(cpu_gemm.onednn_reason())
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    calls = []
+    lin = cpu_gemm._lin
+    monkeypatch.setattr(cpu_gemm, "_lin", lambda *a: calls.append(1) or lin(*a))
+    m32, m64 = copy.deepcopy(get(name)).float(), copy.deepcopy(get(name)).double()
+    B, T = 5, 6
+    ids, mask = contexts("padded", B)
+    P = ids.shape[1]
+    toks = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(8))
+    inp = model_inputs(ids, mask, toks)
+    w = torch.randn(B, T, V, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+
+    def run(model, f):
+        model.zero_grad(set_to_none=True)
+        z = f(model)
+        (z.double() * w).sum().backward()
+        return z.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+    want, g_want = run(m64, lambda m: m(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                                        position_ids=inp.position_ids).logits[:, P - 1:P + T - 1])
+    head = m32.get_output_embeddings()
+
+    def replayed(m):
+        dec = decoder(m, B, P + T - 1, record=True)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            for t in range(T - 1):
+                dec.step(toks[:, t])
+        dec.seal()
+        return dec.replay_logits(T)
+
+    for f in (lambda m: head(hidden_states(m, inp.input_ids, inp.attention_mask)[:, P - 1:P + T - 1]), replayed):
+        calls.clear()
+        got, g_got = run(m32, f)
+        assert calls
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        for n in g_want:
+            torch.testing.assert_close(g_got[n], g_want[n], atol=5e-5, rtol=5e-5, msg=n)
+
+
 def gpt2_with(act: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
