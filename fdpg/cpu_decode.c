@@ -144,10 +144,11 @@ static void activation(const real *restrict x, real *restrict y, real *restrict 
 
 /* ---- GEMM: C [M, N] (row stride ldc) = C (beta 1) or 0 (beta 0) + A [M, K] @ W [K, N] (row stride ldw) --------
  * A (m, k) at A + m * am + k * ak (A row-major: am = lda, ak = 1; stored [K, M]: am = 1, ak = lda). Tiles of MR rows
- * by two vectors of columns, accumulated in registers over the whole K: per k, two vector loads of W's row, MR
- * broadcasts of A, 2 MR FMAs. The weights are read in place (the tile's column block of W, K rows of two vectors,
- * stays in L1/L2 while the row tiles pass): no packing. 90% of the FMA peak at the model's shapes (AVX-512, one
- * core: 215-237 GFLOP/s float32 at M = 32 and 512, K, N = 128 to 512; 167 at K = 768, N = 2304). */
+ * by two vectors of columns, accumulated in registers over a block of KC rows of K: per k, two vector loads of W's
+ * row, MR broadcasts of A, 2 MR FMAs. The weights are read in place (a tile's column block of W, KC rows of two
+ * vectors, stays in L1 while the row tiles pass): no packing. About 90% of the FMA peak at the model's shapes
+ * (AVX-512, one core: 200-237 GFLOP/s float32 at M = 32 to 2048, K, N = 128 to 512, and K = 2048 for the weight
+ * gradient's form). */
 #ifdef __AVX512F__
 enum { GV = 64 / (int)sizeof(real), MR = 8 };   /* 16 accumulators of 32 vector registers */
 #else
@@ -189,7 +190,9 @@ GEMM_TILE(1)
 #define TILE_(r) tile##r
 #define TILE(r) TILE_(r)
 
-static void gemm_b(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W,
+enum { KC = 256 };   /* K in blocks: a tile's column block of W (KC rows of two vectors) stays in L1 */
+
+static void gemm_k(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W,
                    int64_t ldw, real *C, int64_t ldc, int beta) {
     const int64_t NB = 2 * GV, Nf = N - N % NB;
     for (int64_t n0 = 0; n0 < Nf; n0 += NB) {
@@ -210,6 +213,16 @@ static void gemm_b(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, i
             for (int64_t n = Nf; n < N; n++) cr[n] += a * wk[n];
         }
     }
+}
+
+static void gemm_b(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W,
+                   int64_t ldw, real *C, int64_t ldc, int beta) {
+    int64_t k0 = 0;
+    do {
+        const int64_t kb = K - k0 < KC ? K - k0 : KC;
+        gemm_k(M, N, kb, A + k0 * ak, am, ak, W + k0 * ldw, ldw, C, ldc, beta || k0 > 0);
+        k0 += kb;
+    } while (k0 < K);
 }
 
 static void gemm(int64_t M, int64_t N, int64_t K, const real *A, int64_t am, int64_t ak, const real *W, int64_t ldw,

@@ -316,13 +316,13 @@ def test_builds_for_avx2(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_native_forward_odd_head_dims(monkeypatch, dtype, tol):
-    """Head dims that are not a multiple of the vector width (15, 5; one and several vectors), positions past one
+    """Head dims that are not a multiple of the vector width (15, 5, 36; one and several vectors), positions past one
     vector of keys (33), a left-padded row: the native forward against the torch forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(2)
     try:
-        for d, H, s in ((60, 4, 9), (20, 4, 33)):
+        for d, H, s in ((60, 4, 9), (20, 4, 33), (72, 2, 5)):      # (72: the MLP's K = 288 in two blocks)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(d)
                 m = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=40, n_embd=d, n_layer=2, n_head=H,
