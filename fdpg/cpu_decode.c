@@ -610,6 +610,15 @@ int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr)
     return parallel_rows(dims[0], dims[3], dims, fp, ptr, activation_rows);
 }
 
+/* one GEMM on the calling thread (tests and benchmarks/bench_cpu_gemm.py): dims M, N, K, am, ak, ldw, ldc, beta;
+ * ptr A, W, C */
+int64_t fdpg_gemm(const int64_t *dims, const double *fp, void *const *ptr) {
+    (void)fp;
+    gemm_b(dims[0], dims[1], dims[2], (const real *)ptr[0], dims[3], dims[4], (const real *)ptr[1], dims[5],
+           (real *)ptr[2], dims[6], (int)dims[7]);
+    return 0;
+}
+
 /* ---- attention with autograd (the policy's replay and scoring passes): forward and backward -----------------
  *
  * fdpg_attention: causal attention of q [B, s, H, hd] over k, v [B, s, Hkv, hd] (H a multiple of Hkv: GQA), every

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["run", "unavailable_reason", "forward", "activation", "attention", "retain_heap"]
+__all__ = ["run", "unavailable_reason", "forward", "activation", "attention", "gemm", "retain_heap"]
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -93,6 +93,7 @@ class _Lib(NamedTuple):
     activation: Callable[..., int]
     forward: Callable[..., int]
     attention: Callable[..., int]
+    gemm: Callable[..., int]
 
 
 def _load(dtype):
@@ -104,7 +105,7 @@ def _load(dtype):
                 if cc is None:
                     raise OSError("no C compiler ($CC, cc or gcc) on the PATH")
                 lib = ctypes.CDLL(_compile(cc, dtype == torch.float64))
-                fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward, lib.fdpg_attention]
+                fns = [lib.fdpg_sample, lib.fdpg_activation, lib.fdpg_forward, lib.fdpg_attention, lib.fdpg_gemm]
                 for fn in fns:
                     fn.restype = ctypes.c_int64
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -275,6 +276,27 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     dims = [x.numel() // n, kind, n, torch.get_num_threads()]                  # as Job.dims in cpu_decode.c
     _call(_load(x.dtype).activation, dims, [], [x.data_ptr(), y.data_ptr()])
     return y
+
+
+def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``a @ w`` (``+ out`` when given, written there) by the library's GEMM on the calling thread, as the sampling
+    loop and the forward run it: ``a [M, K]`` row-major or a transposed view of a contiguous ``[K, M]``, ``w [K, N]``
+    contiguous, ``out [M, N]`` contiguous, one float dtype (float32/64). None where the library is unavailable."""
+    if not _native_ok(a, w) or not w.is_contiguous():
+        return None
+    if a.stride(1) == 1:
+        am, ak = a.stride(0), 1
+    elif a.stride(0) == 1:
+        am, ak = 1, a.stride(1)
+    else:
+        raise ValueError("a: expected row-major rows or a transposed contiguous matrix")
+    (M, K), N = a.shape, w.shape[1]
+    beta = out is not None
+    out = torch.empty(M, N, dtype=a.dtype) if out is None else out
+    if w.shape[0] != K or out.shape != (M, N) or not out.is_contiguous() or out.dtype != a.dtype:
+        raise ValueError(f"gemm: a {tuple(a.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)}")
+    _call(_load(a.dtype).gemm, [M, N, K, am, ak, N, N, int(beta)], [], [a.data_ptr(), w.data_ptr(), out.data_ptr()])
+    return out
 
 
 def attention(qkv, valid: torch.Tensor | None, scale: float, n_head: int, n_kv: int) -> torch.Tensor | None:
