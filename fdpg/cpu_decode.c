@@ -610,12 +610,29 @@ int64_t fdpg_activation(const int64_t *dims, const double *fp, void *const *ptr)
     return parallel_rows(dims[0], dims[3], dims, fp, ptr, activation_rows);
 }
 
-/* one GEMM on the calling thread (tests and benchmarks/bench_cpu_gemm.py): dims M, N, K, am, ak, ldw, ldc, beta;
- * ptr A, W, C */
+/* one GEMM (fdpg.cpu_gemm, tests, benchmarks/bench_cpu_gemm.py): dims M, N, K, am, ak, ldw, ldc, beta, threads;
+ * ptr A, W, C. With several threads the output is cut into blocks of whole tiles, columns first (each thread then
+ * reads a column block of W, all of A), taken as threads come free. */
 int64_t fdpg_gemm(const int64_t *dims, const double *fp, void *const *ptr) {
     (void)fp;
-    gemm_b(dims[0], dims[1], dims[2], (const real *)ptr[0], dims[3], dims[4], (const real *)ptr[1], dims[5],
-           (real *)ptr[2], dims[6], (int)dims[7]);
+    const int64_t M = dims[0], N = dims[1], K = dims[2], am = dims[3], ak = dims[4], ldw = dims[5], ldc = dims[6];
+    const int beta = (int)dims[7];
+    const real *A = (const real *)ptr[0], *W = (const real *)ptr[1];
+    real *C = (real *)ptr[2];
+    const int64_t nt = team(dims[8], (M + MR - 1) / MR * ((N + 2 * GV - 1) / (2 * GV)));
+    /* columns in blocks of whole tiles where there are at least 4 a thread, else rows */
+    const int64_t ncb = (N + 2 * GV - 1) / (2 * GV), by_cols = ncb >= 4 * nt;
+    const int64_t unit = by_cols ? 2 * GV : MR, extent = by_cols ? N : M;
+    const int64_t units = (extent + unit - 1) / unit, per = (units + 4 * nt - 1) / (4 * nt);
+    const int64_t chunks = (units + per - 1) / per;
+#pragma omp parallel for num_threads((int)nt) schedule(dynamic, 1)
+    for (int64_t k = 0; k < chunks; k++) {
+        const int64_t lo = k * per * unit, hi = (k + 1) * per * unit < extent ? (k + 1) * per * unit : extent;
+        if (by_cols)
+            gemm_b(M, hi - lo, K, A, am, ak, W + lo, ldw, C + lo, ldc, beta);
+        else
+            gemm_b(hi - lo, N, K, A + lo * am, am, ak, W, ldw, C + lo * ldc, ldc, beta);
+    }
     return 0;
 }
 

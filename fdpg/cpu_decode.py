@@ -278,24 +278,27 @@ def activation(x: torch.Tensor, act) -> torch.Tensor | None:
     return y
 
 
-def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``a @ w`` (``+ out`` when given, written there) by the library's GEMM on the calling thread, as the sampling
-    loop and the forward run it: ``a [M, K]`` row-major or a transposed view of a contiguous ``[K, M]``, ``w [K, N]``
-    contiguous, ``out [M, N]`` contiguous, one float dtype (float32/64). None where the library is unavailable."""
-    if not _native_ok(a, w) or not w.is_contiguous():
+def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, threads: int | None = None
+         ) -> torch.Tensor | None:
+    """``a @ w`` (``+ out`` when given, written there) by the library's GEMM, as the sampling loop and the forward
+    run it, on ``threads`` of the CPU threads (default torch's count): ``a [M, K]`` row-major or a transposed view
+    of a contiguous ``[K, M]``, ``w [K, N]`` contiguous, ``out [M, N]`` contiguous, one float dtype (float32/64).
+    None where the library or the layouts cannot take it."""
+    if not _native_ok(a, w) or not w.is_contiguous() or a.dim() != 2 or w.dim() != 2:
         return None
-    if a.stride(1) == 1:
+    if a.stride(1) == 1 or a.shape[1] == 1:
         am, ak = a.stride(0), 1
-    elif a.stride(0) == 1:
+    elif a.stride(0) == 1 or a.shape[0] == 1:
         am, ak = 1, a.stride(1)
     else:
-        raise ValueError("a: expected row-major rows or a transposed contiguous matrix")
+        return None
     (M, K), N = a.shape, w.shape[1]
     beta = out is not None
     out = torch.empty(M, N, dtype=a.dtype) if out is None else out
     if w.shape[0] != K or out.shape != (M, N) or not out.is_contiguous() or out.dtype != a.dtype:
         raise ValueError(f"gemm: a {tuple(a.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)}")
-    _call(_load(a.dtype).gemm, [M, N, K, am, ak, N, N, int(beta)], [], [a.data_ptr(), w.data_ptr(), out.data_ptr()])
+    dims = [M, N, K, am, ak, N, N, int(beta), threads or torch.get_num_threads()]
+    _call(_load(a.dtype).gemm, dims, [], [a.data_ptr(), w.data_ptr(), out.data_ptr()])
     return out
 
 

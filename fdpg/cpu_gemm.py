@@ -1,16 +1,21 @@
-"""Float32 GEMMs on the CPU through oneDNN where it outruns ``torch.mm``.
+"""Float32 GEMMs on the CPU at the vector unit's rate: fdpg's native kernel, else oneDNN, else ``torch.mm``.
 
-``torch.mm`` and ``F.linear`` on the CPU call MKL's ``sgemm``, which runs its AVX2 kernels on AMD processors.
-oneDNN, also inside torch (``torch.ops.mkldnn._linear_pointwise``, the op Inductor emits for frozen linears, and
-``torch.ops.aten.mkldnn_linear_backward_weights``), picks its kernels by the instruction set: on this project's
-CI machines (AMD EPYC, Zen 5, AVX-512) it ran the training step's GEMMs 2.3x faster at 2048 rows
-(benchmarks/RESULTS.md); on Intel processors the two are alike. Its results are exact float32 (float32 products
-and accumulation, no reduced-precision mode), as ``torch.mm``'s.
+``torch.mm`` and ``F.linear`` on the CPU call MKL's ``sgemm``, which runs its AVX2 kernels on AMD processors: on this
+project's CI machines (AMD EPYC, Zen 5, AVX-512) 90-104 GFLOP/s a core against 257 that the FMA units do. Two
+faster routes, both exact float32 (float32 products and accumulation):
 
-oneDNN serves these functions only where it helps and is sound: float32 CPU tensors outside autocast, at least
-:data:`MIN_FLOPS` (below that its fixed cost per call, about 10 us, exceeds MKL's), and after a one-time check on
-random inputs against float64. Elsewhere they are ``torch.mm`` / ``F.linear``. ``FDPG_CPU_GEMM=torch`` turns
-oneDNN off.
+- the native library's GEMM (:func:`fdpg.cpu_decode.gemm`: register tiles over the weights in place, on torch's
+  OpenMP threads), where ``b`` is contiguous and ``a`` row-major or a transposed contiguous matrix: the forward of
+  a ``[in, out]`` weight (GPT-2's Conv1D), the input gradient of a ``[out, in]`` one (``nn.Linear``), every weight
+  gradient;
+- oneDNN inside torch (``torch.ops.mkldnn._linear_pointwise``, the op Inductor emits for frozen linears, and
+  ``torch.ops.aten.mkldnn_linear_backward_weights``), which dispatches on the instruction set, for the other forms,
+  after a one-time check on random inputs against float64.
+
+On Intel processors MKL and these run alike. benchmarks/bench_cpu_gemm.py measures the three; RESULTS.md has the
+figures (about 2.3x torch.mm at 2048 rows, 2.2x on the weight gradients, here). They serve float32 CPU tensors
+outside autocast, at least :data:`MIN_FLOPS` (below that a call's fixed cost, about 10 us for oneDNN, exceeds
+MKL's). ``FDPG_CPU_GEMM=torch`` turns both off.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_decode
 
 __all__ = ["mm", "linear", "linear_grads", "onednn_reason"]
 
@@ -40,14 +47,12 @@ def _wgrad(g, x, bias: bool = False):
 
 
 def _probe():
-    if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch":
-        return "FDPG_CPU_GEMM=torch"
     if not torch.backends.mkldnn.is_available():
         return "torch is built without oneDNN (mkldnn)"
     g = torch.Generator().manual_seed(0)
     x, w, y, b = (torch.randn(*s, generator=g) for s in ((67, 45), (33, 45), (67, 33), (33,)))
     x64, w64, y64 = x.double(), w.double(), y.double()
-    try:   # every form the functions below call: weights contiguous and transposed, with and without a bias
+    try:   # every form called below: weights contiguous and transposed, with and without a bias
         got = (_lin(x, w), _lin(x, w.t().contiguous().t(), b), *_wgrad(x, y, True))
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         return f"oneDNN's linear is not usable: {e}"
@@ -58,45 +63,72 @@ def _probe():
 
 
 def onednn_reason() -> str | None:
-    """Why oneDNN is never taken here (None: it is, above :data:`MIN_FLOPS`)."""
+    """Why oneDNN is never taken here (None: it is, above :data:`MIN_FLOPS`, where the native kernel is not)."""
+    if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch":
+        return "FDPG_CPU_GEMM=torch"
     if not _state:
         _state["reason"] = _probe()
     return _state["reason"]
 
 
-def _use(M: int, N: int, K: int, *ts) -> bool:
+def _native_reason() -> str | None:
+    if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch":
+        return "FDPG_CPU_GEMM=torch"
+    return cpu_decode._library_reason(torch.float32)
+
+
+def _fast(M: int, N: int, K: int, *ts) -> bool:
+    """Whether a GEMM of this size and these tensors goes past torch.mm."""
     return (2 * M * N * K >= MIN_FLOPS and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
-            and not torch.is_autocast_enabled("cpu") and onednn_reason() is None)
+            and not torch.is_autocast_enabled("cpu") and (_native_reason() is None or onednn_reason() is None))
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` outside autograd: ``a [M, K]``, ``b [K, N]`` (any strides) -> ``[M, N]``."""
-    M, K = a.shape
-    if not _use(M, b.shape[1], K, a, b) or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+def _product(a, b):
+    """``a @ b`` (``a [M, K]``, ``b [K, N]``) past torch.mm: native where the layouts allow, else oneDNN."""
+    if _native_reason() is None:
+        out = cpu_decode.gemm(a, b)
+        if out is not None:
+            return out
+    if onednn_reason() is not None:
         return a @ b
     if a.t().is_contiguous() and not a.is_contiguous():     # a = x^T: linear's weight gradient, no transposing copy
         return _wgrad(a.t(), b)[0]
     return _lin(a, b.t())
 
 
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` outside autograd: ``a [M, K]``, ``b [K, N]`` (any strides) -> ``[M, N]``."""
+    M, K = a.shape
+    if not _fast(M, b.shape[1], K, a, b) or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return a @ b
+    return _product(a, b)
+
+
 def linear_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_out_in: bool, need=(True, True, True)):
     """The gradients ``(dx, dw, db)`` of ``y = x @ w^T + b`` (``w [out, in]`` when ``w_out_in``, else ``x @ w + b``
     with ``w [in, out]``) from ``dy [M, out]``, ``x [M, in]``; None where ``need`` (x, w, b) says so."""
     wt = w if w_out_in else w.t()                                           # [out, in]
-    dx = dw = db = None
+    fast = _fast(*dy.shape, x.shape[1], dy, x, w)
+    dx = dw = None
     if need[0]:
-        dx = _lin(dy, wt.t()) if _use(*dy.shape, x.shape[1], dy, w) else dy @ wt
+        dx = _product(dy, wt) if fast else dy @ wt
     if need[1]:
-        if _use(*dy.shape, x.shape[1], dy, x, w):
-            if w_out_in:
-                dw, db = _wgrad(dy, x, need[2])         # dy^T x [out, in], and dy's column sums
-            else:
-                dw = _wgrad(x, dy)[0]                   # x^T dy [in, out]
+        if fast:
+            dw = _product(dy.t(), x) if w_out_in else _product(x.t(), dy)
         else:
             dw = dy.t() @ x if w_out_in else x.t() @ dy
-    if need[2] and db is None:
-        db = dy.sum(0)
-    return dx, dw, db
+    return dx, dw, dy.sum(0) if need[2] else None
+
+
+def _forward(x2, w, b, w_out_in: bool):
+    """``x2 @ w^T + b`` (``w_out_in``) or ``x2 @ w + b`` past torch.mm: ``x2 [M, in]``."""
+    if w_out_in or _native_reason() is not None:
+        if onednn_reason() is None:
+            return _lin(x2, w if w_out_in else w.t(), b)
+        y = x2 @ (w.t() if w_out_in else w)
+    else:
+        y = _product(x2, w)
+    return y if b is None else y.add_(b)
 
 
 class _Linear(torch.autograd.Function):
@@ -104,8 +136,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, w, b, w_out_in: bool):
         ctx.save_for_backward(x, w)
         ctx.w_out_in = w_out_in
-        x2 = x.reshape(-1, x.shape[-1])
-        return _lin(x2, w if w_out_in else w.t(), b).view(*x.shape[:-1], -1)
+        return _forward(x.reshape(-1, x.shape[-1]), w, b, w_out_in).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
@@ -121,11 +152,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, w
     not ``w_out_in``; ``x [..., in]`` -> ``[..., out]``, with autograd."""
     M = x.numel() // max(x.shape[-1], 1)
     out, K = (w.shape[0], w.shape[1]) if w_out_in else (w.shape[1], w.shape[0])
-    if not _use(M, out, K, x, w, *(() if b is None else (b,))) or torch.compiler.is_compiling():
+    if not _fast(M, out, K, x, w, *(() if b is None else (b,))) or torch.compiler.is_compiling():
         if w_out_in:
             return F.linear(x, w, b)
         y = x.reshape(-1, K) @ w if b is None else torch.addmm(b, x.reshape(-1, K), w)
         return y.view(*x.shape[:-1], out)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
         return _Linear.apply(x, w, b, w_out_in)
-    return _lin(x.reshape(-1, K), w if w_out_in else w.t(), b).view(*x.shape[:-1], out)
+    return _forward(x.reshape(-1, K), w, b, w_out_in).view(*x.shape[:-1], out)

@@ -398,17 +398,19 @@ def test_native_attention_declines_and_keeps_nan(monkeypatch):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 3e-6)])
 @pytest.mark.parametrize("a_t", [False, True])
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (13, 7, 33), (9, 300, 70), (35, 520, 129), (6, 31, 16)])
-def test_gemm_against_float64(dtype, tol, a_t, M, K, N):
+@pytest.mark.parametrize("M,K,N,threads", [(1, 1, 1, 1), (13, 7, 33, 2), (9, 300, 70, 1), (35, 520, 129, 3),
+                                           (6, 31, 16, 2), (70, 5, 300, 3), (130, 9, 20, 2)])
+def test_gemm_against_float64(dtype, tol, a_t, M, K, N, threads):
     """The library's GEMM (register tiles of 8/6, 4, 2, 1 rows by two vectors, the rest of the columns plainly, K in
-    blocks of 256) over row tails, column tails and K past a block, A row-major or transposed, with and without C."""
+    blocks of 256) over row tails, column tails and K past a block, A row-major or transposed, with and without C,
+    on one thread and on several (the output cut by columns or by rows)."""
     g = torch.Generator().manual_seed(M * N + K)
     a = torch.randn(K, M, generator=g, dtype=dtype).t() if a_t else torch.randn(M, K, generator=g, dtype=dtype)
     w, c = torch.randn(K, N, generator=g, dtype=dtype), torch.randn(M, N, generator=g, dtype=dtype)
     want = a.double() @ w.double()
-    got = native.gemm(a, w)
+    got = native.gemm(a, w, threads=threads)
     assert got is not None and got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=tol * K ** 0.5, rtol=0)
     out = c.clone()
-    assert native.gemm(a, w, out) is out
+    assert native.gemm(a, w, out, threads) is out
     torch.testing.assert_close(out.double(), want + c.double(), atol=tol * K ** 0.5, rtol=0)

@@ -1,4 +1,5 @@
-"""fdpg.cpu_gemm: oneDNN's float32 GEMMs on the CPU against float64, in every layout the library passes."""
+"""fdpg.cpu_gemm: its float32 GEMMs (the native kernel, oneDNN) on the CPU against float64, in every layout the
+library passes."""
 import pytest
 import torch
 
@@ -7,10 +8,16 @@ from fdpg import cpu_gemm
 pytestmark = pytest.mark.skipif(cpu_gemm.onednn_reason() is not None, reason=str(cpu_gemm.onednn_reason()))
 
 
-@pytest.fixture
-def always(monkeypatch):
-    """oneDNN at every size (the tests' shapes are below MIN_FLOPS)."""
+@pytest.fixture(params=["native", "onednn"])
+def always(monkeypatch, request):
+    """The fast routes at every size (the tests' shapes are below MIN_FLOPS): the native kernel where the layouts
+    allow it, else oneDNN ("native"), or oneDNN alone ("onednn")."""
     monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    if request.param == "onednn":
+        monkeypatch.setattr(cpu_gemm, "_native_reason", lambda: "off")
+    elif cpu_gemm._native_reason() is not None:
+        pytest.skip(cpu_gemm._native_reason())
+    return request.param
 
 
 def _close(got, want, tol=2e-6):
@@ -20,11 +27,18 @@ def _close(got, want, tol=2e-6):
 
 
 def _taken(monkeypatch):
-    """Count the oneDNN calls (so a test fails if its GEMMs silently went to torch)."""
+    """The calls that went past torch.mm, by name (so a test fails if its GEMMs silently went to torch)."""
     calls = []
-    for name in ("_lin", "_wgrad"):
-        f = getattr(cpu_gemm, name)
-        monkeypatch.setattr(cpu_gemm, name, lambda *a, _f=f, **k: calls.append(1) or _f(*a, **k))
+    for owner, name in ((cpu_gemm, "_lin"), (cpu_gemm, "_wgrad"), (cpu_gemm.cpu_decode, "gemm")):
+        f = getattr(owner, name)
+
+        def spy(*a, _f=f, _name=name, **k):
+            out = _f(*a, **k)
+            if out is not None:
+                calls.append(_name)
+            return out
+
+        monkeypatch.setattr(owner, name, spy)
     return calls
 
 
@@ -40,7 +54,8 @@ def test_mm(always, monkeypatch, M, K, N, layout):
     if layout in ("b transposed", "both transposed"):
         b = b.t().contiguous().t()
     _close(cpu_gemm.mm(a, b), a.double() @ b.double())
-    assert calls
+    native = always == "native" and b.is_contiguous()       # (every form of a here is one it takes)
+    assert len(calls) == 1 and ("gemm" in calls) == native
 
 
 @pytest.mark.parametrize("w_out_in", [True, False])
@@ -66,7 +81,8 @@ def test_linear_and_its_gradients(always, monkeypatch, w_out_in, bias, lead):
     _close(w.grad, w64.grad)
     if bias:
         _close(b.grad, b64.grad)
-    assert len(calls) == 3          # forward, input gradient, weight gradient (and the bias's with it or by sum)
+    assert len(calls) == 3                          # forward, input and weight gradients: the native kernel for the
+    assert calls.count("gemm") == (2 if always == "native" else 0)   # two whose right factor is contiguous
 
 
 def test_linear_grads_asked_for(always):
@@ -90,5 +106,11 @@ def test_below_the_threshold_and_elsewhere_torch(monkeypatch):
 
 
 def test_switched_off(monkeypatch):
+    calls = _taken(monkeypatch)
     monkeypatch.setenv("FDPG_CPU_GEMM", "torch")
-    assert cpu_gemm._probe() == "FDPG_CPU_GEMM=torch"
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    assert cpu_gemm.onednn_reason() == cpu_gemm._native_reason() == "FDPG_CPU_GEMM=torch"
+    a = torch.randn(8, 8)
+    cpu_gemm.mm(a, a)
+    cpu_gemm.linear(a, a)
+    assert not calls
