@@ -351,11 +351,13 @@ def attention_reference(q, k, v, valid, scale):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("B,s,H,Hkv,hd", [(3, 7, 4, 2, 5), (5, 33, 2, 2, 16), (2, 1, 3, 1, 4), (4, 18, 4, 4, 40)])
+@pytest.mark.parametrize("B,s,H,Hkv,hd", [(3, 7, 4, 2, 5), (5, 33, 2, 2, 16), (2, 1, 3, 1, 4), (4, 18, 4, 4, 40),
+                                          (21, 9, 4, 2, 5), (16, 17, 2, 1, 16)])
 def test_native_attention_against_float64(dtype, tol, B, s, H, Hkv, hd):
     """The native attention's output and q/k/v gradients against float64 autograd: GQA, head dims off the vector
     width, one position, positions past a vector of keys and off the query block; q, k, v packed (one gradient
-    tensor) and separate; the slab's strides (batch innermost); left padding, a row all padding; 1 and 3 threads."""
+    tensor) and separate; the slab's strides (batch innermost: from 16 rows (8 float64) on, blocks of rows as
+    vectors, the rest row by row); left padding, a row all padding; 1 and 3 threads."""
     g = torch.Generator().manual_seed(s * hd + H)
     base = torch.randn(s, (H + 2 * Hkv) * hd, B, dtype=dtype, generator=g)
     x = base.permute(2, 0, 1).reshape(B, s, H + 2 * Hkv, hd).requires_grad_()
@@ -391,6 +393,13 @@ def test_native_attention_declines_and_keeps_nan(monkeypatch):
     k[0, 2, 1, 3] = float("nan")
     o = native.attention((q, k, q), None, 0.5, 2, 2).view(2, 5, 2, 4)
     assert bool(o[0, 2:, 1].isnan().all()) and bool(torch.isfinite(o[0, :2]).all() and torch.isfinite(o[1]).all())
+    assert bool(torch.isfinite(o[0, :, 0]).all())
+    # the same through blocks of rows (the slab's layout, batch innermost)
+    x = torch.randn(5, 6, 16).permute(2, 0, 1).reshape(16, 5, 6, 1).repeat_interleave(4, 3)   # [16, 5, 6, 4]
+    x = x.permute(3, 1, 2, 0).contiguous().permute(3, 1, 2, 0)                                # (batch stride 1)
+    x[0, 2, 3, 3] = float("nan")                                                              # a key of head 1
+    o = native.attention(x, None, 0.5, 2, 2).view(16, 5, 2, 4)
+    assert bool(o[0, 2:, 1].isnan().all()) and bool(torch.isfinite(o[0, :2]).all() and torch.isfinite(o[1:]).all())
     assert bool(torch.isfinite(o[0, :, 0]).all())
     monkeypatch.setenv("FDPG_CPU_DECODE", "0")
     assert native.attention((q, q, q), None, 0.5, 2, 2) is None
