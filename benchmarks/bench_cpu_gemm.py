@@ -50,8 +50,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     args = ap.parse_args()
     sh = P.SHAPES[args.config]
+    native = cpu_decode._library_reason(torch.float32) or "used"
     print(f"{args.config}: CPU float32, torch {torch.__version__}, {os.cpu_count()} cores; "
-          f"oneDNN: {cpu_gemm.onednn_reason() or 'used'}; native: {cpu_decode._library_reason(torch.float32) or 'used'}")
+          f"oneDNN: {cpu_gemm.onednn_reason() or 'used'}; native: {native}")
     cases = [(sh.batch, K, N, False) for K, N, _ in gemm_shapes(sh)]
     cases += [(sh.batch * sh.length, K, N, False) for K, N, _ in gemm_shapes(sh)]
     cases += [(K, sh.batch * sh.length, N, True) for K, N, _ in gemm_shapes(sh)]     # dW = x^T dy

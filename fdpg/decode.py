@@ -824,7 +824,8 @@ class _GPT2(_FastDecoder):
 
     def _qkv(self, i, h, s):
         c_attn = self.blocks[i][1]
-        return linear(h, c_attn.weight, c_attn.bias, w_out_in=False).view(self.B, s, 3, self.n_head, self.hd).unbind(2)
+        qkv = linear(h, c_attn.weight, c_attn.bias, w_out_in=False)
+        return qkv.view(self.B, s, 3, self.n_head, self.hd).unbind(2)
 
     def _qkv_slab(self, i, h, slot):
         bias, w_t = self.qkv_t[i]                                  # slot [3D, B] = W^T h^T + b
