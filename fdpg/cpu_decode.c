@@ -619,6 +619,7 @@ int64_t fdpg_gemm(const int64_t *dims, const double *fp, void *const *ptr) {
     const int beta = (int)dims[7];
     const real *A = (const real *)ptr[0], *W = (const real *)ptr[1];
     real *C = (real *)ptr[2];
+    if (M <= 0 || N <= 0) return 0;
     const int64_t nt = team(dims[8], (M + MR - 1) / MR * ((N + 2 * GV - 1) / (2 * GV)));
     /* columns in blocks of whole tiles where there are at least 4 a thread, else rows */
     const int64_t ncb = (N + 2 * GV - 1) / (2 * GV), by_cols = ncb >= 4 * nt;
@@ -861,12 +862,12 @@ static int attention_lanes(const int64_t *dims, const double *fp, void *const *p
     const real scale = (real)fp[0];
 #define ST(k, i) st[4 * (k) + (i)]
     /* pk, pq: per slot, 0 or -inf by the block's rows' validity (keys; queries: a padding query sees itself only);
-     * sc: a query's scores, then probabilities; dsc: its dP, then dS; qt, ot, dot, dqt: one position's q, o (or
-     * its accumulator), do, dq tiles; dk, dv [s, hd] accumulators */
-    const size_t nv = 3 * (size_t)s + 4 * (size_t)hd + (bwd ? 2 * (size_t)s * hd : 0);
+     * sc: a query's scores, then probabilities; qt, ot, dot, dqt: one position's q (scaled), o (or its
+     * accumulator), do, dq tiles; dk, dv [s, hd] accumulators */
+    const size_t nv = 2 * (size_t)s + 4 * (size_t)hd + (bwd ? 2 * (size_t)s * hd : 0);
     vreal *buf = aligned_alloc(sizeof(vreal), nv * sizeof(vreal));      /* (vector loads: aligned) */
     if (!buf) return -1;
-    vreal *pk = buf, *sc = pk + s, *dsc = sc + s, *qt = dsc + s, *ot = qt + hd, *dot = ot + hd, *dqt = dot + hd;
+    vreal *pk = buf, *sc = pk + s, *qt = sc + s, *ot = qt + hd, *dot = ot + hd, *dqt = dot + hd;
     vreal *dk = dqt + hd, *dv = dk + (bwd ? s * hd : 0);
     const vreal zero = {0}, ninf = zero - INFINITY;
     for (int64_t it = i0; it < i1; it++) {

@@ -423,3 +423,12 @@ def test_gemm_against_float64(dtype, tol, a_t, M, K, N, threads):
     out = c.clone()
     assert native.gemm(a, w, out, threads) is out
     torch.testing.assert_close(out.double(), want + c.double(), atol=tol * K ** 0.5, rtol=0)
+
+
+def test_gemm_empty():
+    """No rows or no columns: an empty result; no depth: zeros (or C unchanged)."""
+    assert native.gemm(torch.randn(0, 5), torch.randn(5, 7)).shape == (0, 7)
+    assert native.gemm(torch.randn(4, 5), torch.randn(5, 0)).shape == (4, 0)
+    assert torch.equal(native.gemm(torch.randn(4, 0), torch.randn(0, 7)), torch.zeros(4, 7))
+    c = torch.randn(4, 7)
+    assert torch.equal(native.gemm(torch.randn(4, 0), torch.randn(0, 7), c.clone()), c)
