@@ -108,7 +108,7 @@ def linear_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_out_in: b
     """The gradients ``(dx, dw, db)`` of ``y = x @ w^T + b`` (``w [out, in]`` when ``w_out_in``, else ``x @ w + b``
     with ``w [in, out]``) from ``dy [M, out]``, ``x [M, in]``; None where ``need`` (x, w, b) says so."""
     wt = w if w_out_in else w.t()                                           # [out, in]
-    fast = _fast(*dy.shape, x.shape[1], dy, x, w)
+    fast = _fast(*dy.shape, x.shape[1], dy, x, w) and not torch.is_grad_enabled()   # (create_graph: torch's ops)
     dx = dw = None
     if need[0]:
         dx = _product(dy, wt) if fast else dy @ wt

@@ -114,3 +114,18 @@ def test_switched_off(monkeypatch):
     cpu_gemm.mm(a, a)
     cpu_gemm.linear(a, a)
     assert not calls
+
+
+def test_double_backward_through_torch(always):
+    """With create_graph the gradients are torch ops (differentiable again): second derivatives against float64."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, 6, generator=g, requires_grad=True)
+    w = torch.randn(5, 6, generator=g, requires_grad=True)
+    y = cpu_gemm.linear(x, w)
+    (gx,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    (gw,) = torch.autograd.grad(gx.sum(), w)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (gx64,) = torch.autograd.grad(((x64 @ w64.t()) ** 2).sum(), x64, create_graph=True)
+    (gw64,) = torch.autograd.grad(gx64.sum(), w64)
+    _close(gx.detach(), gx64.detach())
+    _close(gw, gw64)
