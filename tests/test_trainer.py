@@ -340,6 +340,39 @@ def test_replayed_sampling_pass_gives_the_forward_pass_gradient(tmp_path, prompt
     assert tr.next_batch().replay is not None
 
 
+def test_fast_cpu_gemms_give_torchs_gradient(tmp_path, monkeypatch):
+    """Every GEMM of the scoring passes and the backward through fdpg.cpu_gemm's native kernel and oneDNN (forced
+    at the tiny sizes), against torch.mm's (FDPG_CPU_GEMM=torch) on the same batch: log pi, log a and every
+    gradient to float32 rounding."""
+    from fdpg import cpu_gemm
+
+    if cpu_gemm.onednn_reason() is not None or cpu_gemm._native_reason() is not None:
+        pytest.skip("no fast CPU GEMM here")
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    calls = []
+    lin = cpu_gemm._lin
+    monkeypatch.setattr(cpu_gemm, "_lin", lambda *a: calls.append(1) or lin(*a))
+    tr = Trainer(from_dict(config(tmp_path, max_length=6, eval={"exact": False})), log=quiet)
+    s = tr.next_batch()
+
+    def grads():
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss, _, sc = tr.batch_loss(s, update_log_z=False)
+        loss.backward()
+        return sc.policy_lp.detach(), sc.prior_lp, {n: p.grad.clone() for n, p in tr.policy.named_parameters()}
+
+    fast = grads()
+    assert calls
+    monkeypatch.setenv("FDPG_CPU_GEMM", "torch")
+    calls.clear()
+    slow = grads()
+    assert not calls
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-5)
+    for n in slow[2]:
+        torch.testing.assert_close(fast[2][n], slow[2][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
 class _SyncOps(TorchDispatchMode):
     """Records the ops that make the host wait for the device (a value read, or an output sized by the data)."""
 
