@@ -297,8 +297,8 @@ def test_builds_without_openmp(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 def test_builds_for_avx2(monkeypatch, tmp_path):
-    """Built for a CPU without AVX-512 (the GEMM's 6-row tiles of 8-float vectors): the sampling pass and the native
-    forward compute the same, float32 and float64."""
+    """Built for a CPU without AVX-512 (the GEMM's 6-row tiles of 8-float vectors): the sampling pass, the native
+    forward and the attention over blocks of rows (with its gradients) compute the same, float32 and float64."""
     real = native._compile_with
     monkeypatch.setattr(native, "_compile_with", lambda cc, flags, double: real(cc, [*flags, "-mno-avx512f"], double))
     monkeypatch.setattr(native, "_libs", {})
@@ -311,6 +311,7 @@ def test_builds_for_avx2(monkeypatch, tmp_path):
         got, want = native_and_torch(monkeypatch, model.to(dtype), ids)
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     model.double()
+    test_native_attention_against_float64(torch.float32, 2e-5, 21, 9, 4, 2, 5)
     assert len(list(tmp_path.glob("cpu_decode_f*_*.so"))) == 2
 
 
