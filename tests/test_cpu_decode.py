@@ -247,6 +247,22 @@ def test_native_forward_equals_the_torch_forward(monkeypatch, threads, chunk, ac
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_forward_through_row_blocks(monkeypatch, dtype, tol, threads):
+    """Chunks of 16 rows (8 in float64): their attention through blocks of rows as vectors (attention_lanes, over a
+    copy of qkv with the batch innermost), the chunk's other rows one by one: against the torch forward, padded."""
+    torch.set_num_threads(threads)
+    try:
+        model = gpt2(seed=4).to(dtype)
+        B = 40
+        ids, mask = contexts("padded", B)
+        got, want = native_and_torch(monkeypatch, model, ids, mask)
+        torch.testing.assert_close(got[mask], want[mask], atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_native_forward_only_without_autograd():
     """With autograd wanted (the policy's scoring pass), under autocast, or in half precision the torch forward runs."""
     from fdpg.decode import _GPT2
