@@ -8,7 +8,8 @@ and NAVER disco, on the same model and batch, with every phase set against its f
     python benchmarks/e2e.py --config llama-1b --steps 10                         # GPU only, bf16
     python -m pytest benchmarks/test_bench_e2e.py                                 # the pytest-benchmark twin
 
-Configs: tiny-cpu (GPT-2 shape, vocab 512, d 128, 4 layers, length 32, batch 64), gpt2-small (124M, random
+Configs: tiny-cpu (GPT-2 shape, vocab 512, d 128, 4 layers, length 32, batch 64), tiny-cpu-llama (the same
+size in Llama's form: RMSNorm, RoPE, SwiGLU, 2 KV heads of 8), gpt2-small (124M, random
 weights, vocab 50257, length 64 by default, 64 to 256 with --length), llama-1b (~1.2B Llama-3.2-1B shape, bf16
 weights, GPU only). Target: one pointwise constraint ("contains token 3"; "does not contain token 3" for the large
 vocabularies, where a random model almost never emits a given token); divergence forward KL; on-policy.
@@ -667,7 +668,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--peers", default=None,
-                    help="comma-separated: straightforward,disco,fdpg (default: all three for tiny-cpu, "
+                    help="comma-separated: straightforward,disco,fdpg (default: all three for the tiny-cpu configs, "
                          "straightforward,fdpg otherwise)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cpu for tiny-cpu, else cuda if any)")
     ap.add_argument("--length", type=int, default=None, help="override the config's length (gpt2-small: 64..256)")
@@ -698,7 +699,7 @@ def main(argv=None):
 
     sh = P.with_overrides(P.SHAPES[args.config], length=args.length, batch=args.batch)
     dev = resolve_device(sh, args.device)
-    names = (args.peers or ("straightforward,disco,fdpg" if sh.name == "tiny-cpu" else "straightforward,fdpg"))
+    names = (args.peers or ("straightforward,disco,fdpg" if sh.name.startswith("tiny-cpu") else "straightforward,fdpg"))
     names = [n.strip() for n in names.split(",") if n.strip()]
     bad = [n for n in names if n not in (*P.PEERS, "fdpg")]
     if bad:
