@@ -1,4 +1,5 @@
-/* fdpg's CPU sampling loop for GPT-2: every decoding step and every draw of one sampling pass in one native call.
+/* fdpg's CPU sampling loop for GPT-2 and Llama: every decoding step and every draw of one sampling pass in one
+ * native call.
  *
  * Built and loaded by fdpg/cpu_decode.py (plain C, no torch headers: compiled in about a second at first use),
  * GEMMs included (gemm below: register tiles over the weights in place; MKL's sgemm, which runs its AVX2 code on
@@ -11,7 +12,8 @@
  * position embedding, per layer LayerNorm, the QKV projection written into the slab slot, single-query attention
  * over the filled slots, the output projection, residual, LayerNorm, MLP, residual; the final norm, the output
  * layer, and the draw (softmax in float32, inverse CDF in float64 with the uniform given for that row and step,
- * as fdpg.sampling._draw).
+ * as fdpg.sampling._draw). Llama's step (step_llama) is the same with RMSNorm, RoPE, grouped-query attention and
+ * SwiGLU, its slab slots [D + 2 Dkv, B] and its own recordings (q and k before RoPE, o, gate, up, down).
  *
  * Memory layouts (all written by the Python side's decoder, fdpg.decode._GPT2, and read back by its replay):
  *   slab        [L, S, 3d, B]  one slot per position: q, k, v of that token, feature-major, batch innermost
@@ -40,15 +42,21 @@ typedef double real;
 typedef float real;
 #endif
 
-enum { D_L, D_B, D_S, D_D, D_H, D_F, D_V, D_ACT, D_P, D_MAXLEN, D_EOS, D_PAD, D_EVERY, D_THREADS, D_N };
+enum { D_L, D_B, D_S, D_D, D_H, D_F, D_V, D_ACT, D_P, D_MAXLEN, D_EOS, D_PAD, D_EVERY, D_THREADS, D_LLAMA, D_HKV,
+       D_HD, D_N };
+/* (P_PE, P_LNF_B and the GPT-2 recordings: NULL for Llama; P_REC_Q .. P_SIN: NULL for GPT-2) */
 enum { P_WTE, P_PE, P_SLAB, P_LNF_W, P_LNF_B, P_HEAD_W, P_HEAD_B, P_VALID, P_U, P_LOGITS0, P_TOKENS, P_LP,
-       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_DACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_LAYERS };
+       P_REC_PROJ, P_REC_FC, P_REC_ACT, P_REC_DACT, P_REC_MLP, P_REC_LOGITS, P_REC_IDS, P_REC_Q, P_REC_K, P_REC_O,
+       P_REC_GATE, P_REC_UP, P_REC_DOWN, P_COS, P_SIN, P_LAYERS };
 enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_PROJ_W, W_PROJ_B, W_LN2_W, W_LN2_B, W_FC_W, W_FC_B, W_MLP_W,
        W_MLP_B, W_N };
-enum { ACT_GELU_TANH, ACT_GELU_ERF, ACT_RELU };
+/* a Llama layer: RMSNorm weights, and every Linear's weight transposed ([in, out], contiguous) and bias (or NULL) */
+enum { LW_LN1, LW_Q, LW_BQ, LW_K, LW_BK, LW_V, LW_BV, LW_O, LW_BO, LW_LN2, LW_G, LW_BG, LW_U, LW_BU, LW_D, LW_BD,
+       LW_N };
+enum { ACT_GELU_TANH, ACT_GELU_ERF, ACT_RELU, ACT_SILU };
 
 typedef struct {
-    int64_t L, B, S, d, H, F, V, act, P, max_length, eos, pad, every, nthreads;
+    int64_t L, B, S, d, H, F, V, act, P, max_length, eos, pad, every, nthreads, llama, Hkv, hd;
     const double *fp;          /* eps of ln_f, then per layer eps of ln_1, ln_2 and the attention scale */
     void *const *ptr;
     real *head_t;              /* [d, V]: the output layer's weight transposed, for gemm */
@@ -64,6 +72,7 @@ typedef struct {
 
 #define P(c, k) ((c)->ptr[k])
 #define W(c, i, k) ((const real *)(c)->ptr[P_LAYERS + (i) * W_N + (k)])
+#define LW(c, i, k) ((const real *)(c)->ptr[P_LAYERS + (i) * LW_N + (k)])
 
 /* the threads to ask OpenMP for: the number asked, at least 1 and at most one per unit of work */
 static inline int64_t team(int64_t asked, int64_t work) {
@@ -247,7 +256,7 @@ static void add_rows(real *restrict x, const real *restrict y, int64_t rows, int
 /* ---- one decoding step for rows b0 .. b0+nb-1 at slot n -------------------------------------------------- */
 
 typedef struct {
-    real *x, *h, *o, *t_d, *f, *g, *logits, *sc, *qkv;
+    real *x, *h, *o, *t_d, *f, *g, *t_f, *logits, *sc, *qkv;
 } Buf;
 
 /* row b0 of recording k at layer i and slot n (rows at stride S * w), or buf (rows at stride w) */
@@ -345,14 +354,15 @@ static void attend_full(int64_t n, int64_t hd, int64_t B, int64_t ls, const real
 }
 
 static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t n) {
-    const int64_t B = c->B, d = c->d, H = c->H, hd = d / H, nb = wk->nb, b0 = wk->b0, ls = 3 * d * B;
-    const real *layer = (const real *)P(c, P_SLAB) + i * c->S * 3 * d * B;
+    const int64_t B = c->B, H = c->H, hd = c->hd, D = H * hd, Dkv = c->Hkv * hd, G = H / c->Hkv;
+    const int64_t nb = wk->nb, b0 = wk->b0, ls = (D + 2 * Dkv) * B;
+    const real *layer = (const real *)P(c, P_SLAB) + i * c->S * ls;
     const uint8_t *valid = (const uint8_t *)P(c, P_VALID);
     const real scale = (real)c->fp[1 + 3 * i + 2];
     for (int64_t hh = 0; hh < H; hh++) {
         for (int64_t m0 = 0; m0 < nb; m0 += BM) {
             const real *q = layer + n * ls + (hh * hd) * B + b0 + m0;
-            const real *k = layer + (d + hh * hd) * B + b0 + m0, *v = layer + (2 * d + hh * hd) * B + b0 + m0;
+            const real *k = layer + (D + hh / G * hd) * B + b0 + m0, *v = layer + (D + Dkv + hh / G * hd) * B + b0 + m0;
             const uint8_t *vl = valid ? valid + (b0 + m0) * c->S : NULL;
             real *o = bf->o + (hh * hd) * nb + m0;
             if (nb - m0 >= BM)
@@ -410,6 +420,97 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
     return z;
 }
 
+/* RMSNorm as fdpg.decode._rms (F.rms_norm): y = x / sqrt(mean(x^2) + eps) * w, rows of d */
+static void rms_norm(const real *restrict x, real *restrict y, int64_t rows, int64_t d, const real *restrict w,
+                     double eps) {
+    for (int64_t m = 0; m < rows; m++) {
+        const real *xr = x + m * d;
+        real *yr = y + m * d, ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < d; j++) ss += xr[j] * xr[j];
+        const real r = (real)(1.0 / sqrt((double)(ss / (real)d) + eps));
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) yr[j] = xr[j] * r * w[j];
+    }
+}
+
+/* y [rows, n] at row stride ld += bias (NULL: nothing) */
+static void add_bias(real *restrict y, const real *restrict bias, int64_t rows, int64_t n, int64_t ld) {
+    for (int64_t m = 0; bias && m < rows; m++)
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) y[m * ld + j] += bias[j];
+}
+
+/* step for Llama (c->llama): RMSNorm, q, k, v (recorded before RoPE), RoPE from the tables cos, sin [S, hd, B]
+ * (sin carrying rotate_half's sign), the slot written, grouped-query attention, o, RMSNorm, SiLU(gate) * up, down;
+ * as fdpg.decode._Llama's slab step computes them. The weights come transposed ([in, out]). */
+static real *step_llama(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok, int64_t *ldz) {
+    const int64_t B = c->B, d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0, hd = c->hd;
+    const int64_t D = c->H * hd, Dkv = c->Hkv * hd, W3 = D + 2 * Dkv, h2 = hd / 2;
+    const real *emb = (const real *)P(c, P_WTE);
+    const real *cs = (const real *)P(c, P_COS) + n * hd * B + b0, *sn = (const real *)P(c, P_SIN) + n * hd * B + b0;
+    int64_t *rec_ids = (int64_t *)P(c, P_REC_IDS);
+    for (int64_t m = 0; m < nb; m++) {
+        memcpy(bf->x + m * d, emb + tok[m] * d, (size_t)d * sizeof(real));
+        if (rec_ids) rec_ids[n * B + b0 + m] = tok[m];
+    }
+    for (int64_t i = 0; i < c->L; i++) {
+        const double *eps = c->fp + 1 + 3 * i;
+        rms_norm(bf->x, bf->h, nb, d, LW(c, i, LW_LN1), eps[0]);
+        real *qkv = bf->qkv;
+        gemm_b(nb, D, d, bf->h, d, 1, LW(c, i, LW_Q), D, qkv, W3, 0);
+        gemm_b(nb, Dkv, d, bf->h, d, 1, LW(c, i, LW_K), Dkv, qkv + D, W3, 0);
+        gemm_b(nb, Dkv, d, bf->h, d, 1, LW(c, i, LW_V), Dkv, qkv + D + Dkv, W3, 0);
+        add_bias(qkv, LW(c, i, LW_BQ), nb, D, W3);
+        add_bias(qkv + D, LW(c, i, LW_BK), nb, Dkv, W3);
+        add_bias(qkv + D + Dkv, LW(c, i, LW_BV), nb, Dkv, W3);
+        int64_t lq, lk;
+        real *rq = rec_at(c, P_REC_Q, i, n, b0, D, NULL, &lq), *rk = rec_at(c, P_REC_K, i, n, b0, Dkv, NULL, &lk);
+        for (int64_t m = 0; rq && m < nb; m++) memcpy(rq + m * lq, qkv + m * W3, (size_t)D * sizeof(real));
+        for (int64_t m = 0; rk && m < nb; m++) memcpy(rk + m * lk, qkv + m * W3 + D, (size_t)Dkv * sizeof(real));
+        real *slot = (real *)P(c, P_SLAB) + ((i * c->S + n) * W3) * B + b0;         /* [W3, B] at column b0 */
+        for (int64_t m = 0; m < nb; m++) {
+            real *row = qkv + m * W3, rot[hd];
+            for (int64_t hh = 0; hh < c->H + c->Hkv; hh++) {          /* RoPE: q's heads, then k's */
+                real *x = row + hh * hd;
+                for (int64_t e = 0; e < hd; e++)
+                    rot[e] = x[e] * cs[e * B + m] + x[(e - h2 + hd) % hd] * sn[e * B + m];
+                memcpy(x, rot, (size_t)hd * sizeof(real));
+            }
+            for (int64_t j = 0; j < W3; j++) slot[j * B + m] = row[j];
+        }
+        attention(c, wk, bf, i, n);
+        int64_t ly, lg, lu;
+        real *y = rec_at(c, P_REC_O, i, n, b0, d, bf->t_d, &ly);
+        gemm_b(nb, d, D, bf->o, 1, nb, LW(c, i, LW_O), d, y, ly, 0);
+        add_bias(y, LW(c, i, LW_BO), nb, d, ly);
+        add_rows(bf->x, y, nb, d, ly);
+        rms_norm(bf->x, bf->h, nb, d, LW(c, i, LW_LN2), eps[1]);
+        real *g = rec_at(c, P_REC_GATE, i, n, b0, F, bf->f, &lg), *u = rec_at(c, P_REC_UP, i, n, b0, F, bf->g, &lu);
+        gemm_b(nb, F, d, bf->h, d, 1, LW(c, i, LW_G), F, g, lg, 0);
+        gemm_b(nb, F, d, bf->h, d, 1, LW(c, i, LW_U), F, u, lu, 0);
+        add_bias(g, LW(c, i, LW_BG), nb, F, lg);
+        add_bias(u, LW(c, i, LW_BU), nb, F, lu);
+        for (int64_t m = 0; m < nb; m++) {
+            const real *gm = g + m * lg, *um = u + m * lu;
+            real *a = bf->t_f + m * F;
+#pragma omp simd
+            for (int64_t j = 0; j < F; j++) a[j] = gm[j] / (1 + r_exp(-gm[j])) * um[j];
+        }
+        y = rec_at(c, P_REC_DOWN, i, n, b0, d, bf->t_d, &ly);
+        gemm_b(nb, d, F, bf->t_f, F, 1, LW(c, i, LW_D), d, y, ly, 0);
+        add_bias(y, LW(c, i, LW_BD), nb, d, ly);
+        add_rows(bf->x, y, nb, d, ly);
+    }
+    rms_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), c->fp[0]);
+    real *z = (real *)P(c, P_REC_LOGITS);
+    *ldz = z ? c->S * V : V;
+    z = z ? z + (b0 * c->S + n) * V : bf->logits;
+    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
+    gemm(nb, V, d, bf->h, d, 1, c->head_t, V, z, *ldz);
+    return z;
+}
+
 /* one token from logits l [V] with the uniform u: softmax in float32, inverse CDF in float64 (right side, as
  * searchsorted(right=True)); lp: its log-probability (NaN when the logits hold a NaN) */
 static int64_t draw(const real *restrict l, int64_t V, double u, float *restrict p, float *lp) {
@@ -458,21 +559,24 @@ static void *run_rows(void *arg) {
     Work *wk = (Work *)arg;
     Ctx *c = wk->c;
     const int64_t d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0, B = c->B, T = c->max_length;
+    const int64_t D = c->H * c->hd, W3 = D + 2 * c->Hkv * c->hd;
     size_t nr = (size_t)nb;
     Buf bf;
     bf.x = malloc(nr * d * sizeof(real));
     bf.h = malloc(nr * d * sizeof(real));
-    bf.o = malloc(nr * d * sizeof(real));
+    bf.o = malloc(nr * D * sizeof(real));
     bf.t_d = malloc(nr * d * sizeof(real));
     bf.f = malloc(nr * F * sizeof(real));
     bf.g = malloc(nr * F * sizeof(real));
+    bf.t_f = c->llama ? malloc(nr * F * sizeof(real)) : NULL;
     bf.logits = malloc(nr * V * sizeof(real));
     bf.sc = malloc(BM * c->S * sizeof(real));
-    bf.qkv = malloc(nr * 3 * d * sizeof(real));
+    bf.qkv = malloc(nr * W3 * sizeof(real));
     float *p = malloc((size_t)V * sizeof(float));
     int64_t *tok = malloc(nr * sizeof(int64_t));
     uint8_t *done = calloc(nr, 1);
-    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && bf.logits && bf.sc && bf.qkv && p && tok && done;
+    int ok = bf.x && bf.h && bf.o && bf.t_d && bf.f && bf.g && (bf.t_f || !c->llama) && bf.logits && bf.sc && bf.qkv
+             && p && tok && done;
     /* every thread takes part in every stop check, also one whose buffers failed (it reports its rows as not done
      * so that the pass runs to the end, and the caller raises) */
     const real *z = (const real *)P(c, P_LOGITS0) + b0 * V;
@@ -513,10 +617,10 @@ static void *run_rows(void *arg) {
             }
             if (stop) break;
         }
-        if (ok) z = step(c, wk, &bf, c->P + t, tok, &ldz);
+        if (ok) z = (c->llama ? step_llama : step)(c, wk, &bf, c->P + t, tok, &ldz);
     }
     free(bf.x), free(bf.h), free(bf.o), free(bf.t_d), free(bf.f), free(bf.g), free(bf.logits), free(bf.sc);
-    free(bf.qkv);
+    free(bf.qkv), free(bf.t_f);
     free(p), free(tok), free(done);
     wk->status = ok ? 0 : -1;
     return NULL;

@@ -1,6 +1,6 @@
-"""The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 sampling pass after the prefill in one native call;
-the no-grad scoring forward (the prior's pass, :func:`forward`) in another; and causal attention with autograd
-(:func:`attention`: the policy's scoring pass and replay, a native forward and backward).
+"""The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 or Llama (float32) sampling pass after the prefill
+in one native call; GPT-2's no-grad scoring forward (the prior's pass, :func:`forward`) in another; and causal
+attention with autograd (:func:`attention`: the policy's scoring pass and replay, a native forward and backward).
 
 On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
 Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
@@ -35,7 +35,9 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUActivation": 0,
         "GELUActivation": 1, "ReLU": 2}
-_N_DIMS, _N_PTRS, _W_PER_LAYER = 14, 19, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_N_DIMS, _N_PTRS, _W_PER_LAYER = 17, 27, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
+_W_PER_LLAMA_LAYER = 16                           # as LW_N
+_SILU = 3                                         # ACT_SILU
 _N_FDIMS, _N_FPTRS = 9, 7                         # as F_N and Q_LAYERS (fdpg_forward)
 # the native forward's working buffers per chunk of rows, at most (about): rows go through in chunks of about a
 # quarter of a thread's share, taken by the threads as they come free, and smaller where a chunk would pass this
@@ -128,13 +130,44 @@ def _library_reason(dtype) -> str | None:
 
 def unavailable_reason(dec, all_done=None) -> str | None:
     """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
-    if type(dec).__name__ != "_GPT2":
-        return "the native loop knows GPT-2 only"
+    family = type(dec).__name__
+    if family not in ("_GPT2", "_Llama"):
+        return "the native loop knows GPT-2 and Llama only"
     if not dec.slab or dec.cast:
         return "the decoder is not on the CPU slab path (GPU, autocast or half precision)"
     if all_done is not None:
         return "all_done: the ranks' agreement at each stop check runs in Python"
-    return _model_reason(dec, [dec.head_w]) or _library_reason(dec.wdtype)
+    reason = _model_reason(dec, [dec.head_w]) if family == "_GPT2" else _llama_reason(dec)
+    return reason or _library_reason(dec.wdtype)
+
+
+def _llama_weights(blk) -> list:
+    """A Llama block's tensors in cpu_decode.c's LW_ order: norm weights, each Linear's weight transposed
+    (``[in, out]``, a contiguous copy: the native GEMM reads its right factor row-major) and its bias or None."""
+    n1, qp, kp, vp, op, n2, gp, up, _, dp = blk
+    out = [n1.weight]
+    for lin in (qp, kp, vp, op):
+        out += [lin.weight.detach().t().contiguous(), lin.bias]
+    out.append(n2.weight)
+    for lin in (gp, up, dp):
+        out += [lin.weight.detach().t().contiguous(), lin.bias]
+    return out
+
+
+def _llama_reason(dec) -> str | None:
+    """Why the native loop cannot take Llama decoder ``dec``'s weights, or None."""
+    act = type(dec.blocks[0][8]).__name__
+    if act not in ("SiLU", "SiLUActivation"):
+        return f"the activation {act} (native, for Llama: SiLU)"
+    if dec.wdtype != torch.float32:
+        return "Llama in float64 (its RMSNorm rounds through float32 in the Python loop)"
+    tensors = [dec.emb, dec.head_w, dec.final_norm.weight, dec.cos_t, dec.sin_t]
+    for n1, qp, kp, vp, op, n2, gp, up, _, dp in dec.blocks:
+        tensors += [n1.weight, n2.weight] + [t for lin in (qp, kp, vp, op, gp, up, dp) for t in (lin.weight, lin.bias)
+                                             if t is not None]
+    if any(not t.is_contiguous() or t.dtype != dec.wdtype for t in tensors):
+        return "a weight that is not contiguous, or weights of mixed dtypes"
+    return None
 
 
 def _layer_weights(blk) -> list:
@@ -160,7 +193,12 @@ def _model_reason(dec, extra: list) -> str | None:
 
 
 def _norms_and_scales(dec) -> list:
-    """cpu_decode.c's fp: the final norm's eps, then each layer's ln_1 and ln_2 eps and attention scale."""
+    """cpu_decode.c's fp: the final norm's eps, then each layer's two norms' eps and attention scale."""
+    if type(dec).__name__ == "_Llama":
+        fp = [dec.final_norm.variance_epsilon]
+        for i, blk in enumerate(dec.blocks):
+            fp += [blk[0].variance_epsilon, blk[5].variance_epsilon, dec.scales[i]]
+        return fp
     fp = [dec.final_norm.eps]
     for i, blk in enumerate(dec.blocks):
         fp += [blk[0].eps, blk[3].eps, dec.scales[i]]
@@ -176,7 +214,9 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
         return None
     lib = _load(dec.wdtype)
     B, S, L = dec.B, dec.S, dec.n_layer
-    V, F = dec.head_w.shape[0], dec.blocks[0][4].weight.shape[1]
+    llama = type(dec).__name__ == "_Llama"
+    V = dec.head_w.shape[0]
+    F = dec.blocks[0][6].weight.shape[0] if llama else dec.blocks[0][4].weight.shape[1]
     gen = generator if generator is not None else torch.default_generator
     state = gen.get_state()
     u = torch.rand(max_length, B, dtype=torch.float64, generator=gen)   # the stream of max_length draws of [B, 1]
@@ -186,21 +226,29 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
     rec = dec._rec if dec.recording else {}
     valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
     keep = [u, tokens, lps, logits, valid]                              # alive during the call
-    dims = [L, B, S, dec.d, dec.n_head, F, V, _ACT[type(dec.blocks[0][5]).__name__], dec.n, max_length,
-            -1 if eos_token_id is None else eos_token_id, pad, stop_check_every, torch.get_num_threads()]
+    act = _SILU if llama else _ACT[type(dec.blocks[0][5]).__name__]
+    hd = dec.hd if llama else dec.d // dec.n_head
+    dims = [L, B, S, dec.d, dec.n_head, F, V, act, dec.n, max_length, -1 if eos_token_id is None else eos_token_id,
+            pad, stop_check_every, torch.get_num_threads(), int(llama), dec.n_kv if llama else dec.n_head, hd]
     fp = _norms_and_scales(dec)
 
     def ptr(t):
         return None if t is None else t.data_ptr()
 
     ln_f = dec.final_norm
-    ptrs = [dec.wte, dec.pe, dec.kv, ln_f.weight, ln_f.bias, dec.head_w, dec.head_b, valid, u, logits, tokens, lps,
+    ptrs = [dec.emb if llama else dec.wte, None if llama else dec.pe, dec.kv, ln_f.weight,
+            None if llama else ln_f.bias, dec.head_w, dec.head_b, valid, u, logits, tokens, lps,
             rec.get("proj"), rec.get("fc"), rec.get("act"), rec.get("dact"), rec.get("mlp"),
-            dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None]
+            dec._rec_logits if dec.recording else None, dec._rec_ids if dec.recording else None,
+            rec.get("q"), rec.get("k"), rec.get("o"), rec.get("gate"), rec.get("up"), rec.get("down"),
+            dec.cos_t if llama else None, dec.sin_t if llama else None]
     ptrs = [ptr(t) for t in ptrs]
     for blk in dec.blocks:
-        ptrs += [ptr(t) for t in _layer_weights(blk)]
-    assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + _W_PER_LAYER * L
+        ws = _llama_weights(blk) if llama else _layer_weights(blk)
+        keep += ws                                                      # (the transposed copies)
+        ptrs += [ptr(t) for t in ws]
+    per_layer = _W_PER_LLAMA_LAYER if llama else _W_PER_LAYER
+    assert len(dims) == _N_DIMS and len(ptrs) == _N_PTRS + per_layer * L
     T = _call(lib.sample, dims, fp, ptrs)
     del keep
     if T < 1:

@@ -792,6 +792,7 @@ class _GPT2(_FastDecoder):
         self.hd = self.d // self.n_head
         self.D = self.Dkv = self.d
         self.wte, self.wpe, self.final_norm = tr.wte.weight, tr.wpe.weight, tr.ln_f
+        self.pad_idx = tr.wte.padding_idx           # (its row gets no gradient, as in nn.Embedding)
         self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.act, b.mlp.c_proj)
                        for b in tr.h]
         self._blocks_changed()
@@ -814,8 +815,8 @@ class _GPT2(_FastDecoder):
 
     def _embed(self, ids):
         if self._prefilling:
-            return (F.embedding(ids, self.wte) + self.pe[:, :ids.shape[1]]).view(-1, self.d)
-        return F.embedding(ids, self.wte) + self._slot(self.pe)
+            return (F.embedding(ids, self.wte, self.pad_idx) + self.pe[:, :ids.shape[1]]).view(-1, self.d)
+        return F.embedding(ids, self.wte, self.pad_idx) + self._slot(self.pe)
 
     _NORMS = (0, 3)
 
@@ -851,7 +852,7 @@ class _GPT2(_FastDecoder):
         return {"proj": self.d, "mlp": self.d, **({"act": width, "dact": width} if gelu else {"fc": width})}
 
     def _replay_embed(self, ids):
-        return F.embedding(ids, self.wte) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
+        return F.embedding(ids, self.wte, self.pad_idx) + F.embedding(self.pos[:, :ids.shape[1]], self.wpe)
 
     def _replay_layer(self, i, x, s):
         """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (``[B, s, width]`` views)."""
@@ -910,6 +911,7 @@ class _Llama(_FastDecoder):
         self.hd = getattr(cfg, "head_dim", None) or self.d // self.n_head
         self.D, self.Dkv = self.n_head * self.hd, self.n_kv * self.hd
         self.emb, self.final_norm, self.rotary = base.embed_tokens.weight, base.norm, base.rotary_emb
+        self.pad_idx = base.embed_tokens.padding_idx   # (its row gets no gradient, as in nn.Embedding)
         self.blocks = [(b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
                         b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj,
                         b.mlp.act_fn, b.mlp.down_proj) for b in base.layers]
@@ -930,7 +932,7 @@ class _Llama(_FastDecoder):
             self.sin_t = self.sin_s.permute(1, 2, 0).contiguous()
 
     def _embed(self, ids):
-        return F.embedding(ids, self.emb).view(-1, self.d)
+        return F.embedding(ids, self.emb, self.pad_idx).view(-1, self.d)
 
     _RMS, _NORMS = True, (0, 5)
 
@@ -987,7 +989,7 @@ class _Llama(_FastDecoder):
         return {"q": self.D, "k": self.Dkv, "o": self.d, "gate": F_, "up": F_, "down": self.d}
 
     def _replay_embed(self, ids):
-        return F.embedding(ids, self.emb)
+        return F.embedding(ids, self.emb, self.pad_idx)
 
     def _replay_layer(self, i, x, s):
         """Layer ``i`` over ``x [B, s, d]`` with the recorded GEMM outputs (q and k before RoPE; v from the slab)."""

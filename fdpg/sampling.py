@@ -137,7 +137,7 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     with amp:
         logits = dec.prefill(context_ids, context_mask)
     native = None
-    if dec.fast and dev.type == "cpu" and all_done is None:   # GPT-2 on the CPU: the whole pass in one C call
+    if dec.fast and dev.type == "cpu" and all_done is None:   # GPT-2, Llama on the CPU: the pass in one C call
         from .cpu_decode import run
 
         native = run(dec, logits, max_length, eos_token_id, pad, stop_check_every, generator)

@@ -24,6 +24,19 @@ def gpt2(act="gelu_new", dtype=torch.float64, seed=0):
     return m.eval().to(dtype)
 
 
+def llama(dtype=torch.float32, seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.25, bos_token_id=1,
+               eos_token_id=0, pad_token_id=0)
+    cfg.update(kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(LlamaConfig(**cfg))
+    return m.eval().to(dtype)
+
+
 def contexts(kind, B):
     if kind == "bos":
         return None, None
@@ -100,6 +113,41 @@ def test_native_loop_equals_the_python_loop(monkeypatch, threads, ctx, act):
     torch.testing.assert_close(a.replay(), b.replay(), atol=1e-10, rtol=1e-10)
 
 
+LLAMAS = {"gqa": {}, "bias-rope-hd": dict(seed=2, num_key_value_heads=4, head_dim=12, attention_bias=True,
+                                           mlp_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                           "rope_theta": 500.0})}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("ctx", ["bos", "padded"])
+@pytest.mark.parametrize("name", list(LLAMAS))
+def test_native_llama_loop_equals_the_python_loop(monkeypatch, threads, ctx, name):
+    """Llama (float32; grouped-query attention, and biases, scaled RoPE and a head dim other than d / heads): B = 19
+    rows over 1-3 threads, EOS ending rows: the native pass draws the same tokens from the same uniforms, with the
+    same log-probs and replayed logits to float32 rounding; the native loop did run."""
+    model, B, T = llama(**LLAMAS[name]), 19, 9
+    with torch.no_grad():                                          # EOS (token 0) likelier: rows end early
+        model.lm_head.weight[0].mul_(2.0)
+        model.model.norm.weight.mul_(2.0)
+    ids, mask = contexts(ctx, B)
+    calls = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda fn, *a: calls.append(fn) or real(fn, *a))
+    torch.set_num_threads(threads)
+    try:
+        a, ua, b, ub = both(monkeypatch, model, B, T, eos_token_id=0, context_ids=ids, context_mask=mask,
+                            record=True)
+    finally:
+        torch.set_num_threads(1)
+    assert native._load(torch.float32).sample in calls
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+    n = a.mask.sum(1)
+    assert bool((n < a.tokens.shape[1]).any()) and bool((n > 1).any())
+    torch.testing.assert_close(a.token_logprob, b.token_logprob, atol=2e-5, rtol=0)
+    assert torch.equal(ua, ub)
+    torch.testing.assert_close(a.replay(), b.replay(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("every", [1, 3])
 def test_early_stop_and_float32(monkeypatch, every):
     """Every row ends early (EOS likely): the pass stops at the first stop check after the last EOS, as the Python
@@ -148,6 +196,32 @@ def test_replay_of_the_native_pass_has_the_forward_pass_gradients():
         torch.testing.assert_close(g_rep[n], g_fwd[n], atol=1e-10, rtol=1e-9, msg=n)
 
 
+def test_replay_of_the_native_llama_pass_has_the_forward_pass_gradients():
+    """Llama's recording written by the native loop (q and k before RoPE, o, gate, up, down, the logits), replayed
+    with autograd, against a fresh forward pass (float32)."""
+    model = llama(**LLAMAS["bias-rope-hd"])
+    B, T = 17, 6
+    ids, mask = contexts("padded", B)
+    s = sample(model, B, T, eos_token_id=None, context_ids=ids, context_mask=mask, record=True,
+               generator=torch.Generator().manual_seed(5))
+    w = torch.randn(B, T, V, generator=torch.Generator().manual_seed(7))
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        z = f()
+        (z * w).sum().backward()
+        return z.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    z_rep, g_rep = run(lambda: s.replay())
+    inp = model_inputs(s.context_ids, s.context_mask, s.tokens)
+    P = ids.shape[1]
+    z_fwd, g_fwd = run(lambda: model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                                     position_ids=inp.position_ids).logits[:, P - 1:P + T - 1])
+    torch.testing.assert_close(z_rep, z_fwd, atol=1e-4, rtol=1e-4)
+    for n in g_fwd:
+        torch.testing.assert_close(g_rep[n], g_fwd[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
 def test_nan_weights_give_nan_logprobs_not_silent_numbers(monkeypatch):
     model = copy.deepcopy(gpt2(seed=6))
     with torch.no_grad():
@@ -157,12 +231,13 @@ def test_nan_weights_give_nan_logprobs_not_silent_numbers(monkeypatch):
 
 
 def test_unavailable_where_the_python_loop_runs(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                         num_attention_heads=2)).eval()
-    cases = {"GPT-2 only": (llama, {}), "not on the CPU slab": (gpt2(dtype=torch.bfloat16), {}),
-             "all_done": (gpt2(), {"all_done": lambda x: x})}
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=24)).eval()
+    cases = {"GPT-2 and Llama only": (neox, {}), "not on the CPU slab": (gpt2(dtype=torch.bfloat16), {}),
+             "all_done": (gpt2(), {"all_done": lambda x: x}), "float64": (llama(dtype=torch.float64), {}),
+             "activation": (llama(hidden_act="gelu"), {})}
     for why, (model, kw) in cases.items():
         dec = decoder(model, 2, 4)
         dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
@@ -313,8 +388,9 @@ def test_builds_without_openmp(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 def test_builds_for_avx2(monkeypatch, tmp_path):
-    """Built for a CPU without AVX-512 (the GEMM's 6-row tiles of 8-float vectors): the sampling pass, the native
-    forward and the attention over blocks of rows (with its gradients) compute the same, float32 and float64."""
+    """Built for a CPU without AVX-512 (the GEMM's 6-row tiles of 8-float vectors): the sampling pass (GPT-2 and
+    Llama), the native forward and the attention over blocks of rows (with its gradients) compute the same, float32
+    and float64."""
     real = native._compile_with
     monkeypatch.setattr(native, "_compile_with", lambda cc, flags, double: real(cc, [*flags, "-mno-avx512f"], double))
     monkeypatch.setattr(native, "_libs", {})
@@ -328,6 +404,7 @@ def test_builds_for_avx2(monkeypatch, tmp_path):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     model.double()
     test_native_attention_against_float64(torch.float32, 2e-5, 21, 9, 4, 2, 5)
+    test_native_llama_loop_equals_the_python_loop(monkeypatch, 2, "padded", "bias-rope-hd")
     assert len(list(tmp_path.glob("cpu_decode_f*_*.so"))) == 2
 
 

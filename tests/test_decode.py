@@ -170,6 +170,28 @@ def test_float32_passes_through_onednn(name, monkeypatch):
             torch.testing.assert_close(g_got[n], g_want[n], atol=5e-5, rtol=5e-5, msg=n)
 
 
+def test_the_padding_rows_embedding_gets_no_gradient():
+    """A token equal to the embedding's padding_idx at real positions (Llama's pad id as its BOS): its embedding row
+    gets no gradient, as through nn.Embedding (fdpg's forward and the replay of a recorded pass, float64)."""
+    import copy
+
+    model = copy.deepcopy(get("llama-gqa")).double()
+    assert model.model.embed_tokens.padding_idx == 0
+    ids = torch.randint(1, V, (4, 6), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = 0
+    w = torch.randn(4, 6, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grad(f):
+        model.zero_grad(set_to_none=True)
+        (f() * w).sum().backward()
+        return model.model.embed_tokens.weight.grad.clone()
+
+    want = grad(lambda: model.base_model(input_ids=ids, use_cache=False)[0])
+    got = grad(lambda: hidden_states(model, ids))
+    assert bool((want[0] == 0).all()) and bool((got[0] == 0).all())
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
 def gpt2_with(act: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
