@@ -1101,54 +1101,56 @@ static int attention_lanes(const int64_t *dims, const double *fp, void *const *p
  * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
  * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
  * MKL per thread). */
-enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_N };
-enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_LAYERS };
+enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_LLAMA, F_HKV, F_HD, F_N };
+/* (Q_PE, Q_LNF_B: NULL for Llama; Q_COS, Q_SIN [B, s, hd], sin with rotate_half's sign: NULL for GPT-2) */
+enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_COS, Q_SIN, Q_LAYERS };
 
-/* x += y + bias, rows of n (contiguous) */
+/* x += y + bias (NULL: none), rows of n (contiguous) */
 static void add_bias_rows(real *restrict x, const real *restrict y, const real *restrict bias, int64_t rows,
                           int64_t n) {
     for (int64_t m = 0; m < rows; m++)
 #pragma omp simd
-        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * n + j] + bias[j];
+        for (int64_t j = 0; j < n; j++) x[m * n + j] += y[m * n + j] + (bias ? bias[j] : 0);
 }
 
 /* causal attention of nb rows' qkv [nb, s, 3d] -> o [nb, s, d] (fdpg_forward's mask), on the calling thread: whole
  * blocks of BM rows through attention_lanes (over a copy of their qkv with the batch innermost: the prior's pass
  * 3-5% faster at the tiny config), the rest one by one; 0, or -1 when out of memory */
-static int attend(int64_t nb, int64_t s, int64_t d, int64_t H, const real *qkv, real *o, const uint8_t *valid,
-                  double scale) {
-    int64_t dims[A_STRIDES + 4 * T_N] = {0, nb, s, H, H, d / H, 1};
-    const int64_t in[4] = {s * 3 * d, 3 * d, d / H, 1}, out[4] = {s * d, d, d / H, 1};
+static int attend(int64_t nb, int64_t s, int64_t H, int64_t Hkv, int64_t hd, const real *qkv, real *o,
+                  const uint8_t *valid, double scale) {
+    const int64_t D = H * hd, Dkv = Hkv * hd, W3 = D + 2 * Dkv;
+    int64_t dims[A_STRIDES + 4 * T_N] = {0, nb, s, H, Hkv, hd, 1};
+    const int64_t in[4] = {s * W3, W3, hd, 1}, out[4] = {s * D, D, hd, 1};
     for (int k = 0; k < 4; k++) {
         dims[A_STRIDES + 4 * T_Q + k] = dims[A_STRIDES + 4 * T_K + k] = dims[A_STRIDES + 4 * T_V + k] = in[k];
         dims[A_STRIDES + 4 * T_O + k] = out[k];
     }
-    void *ptr[A_NPTR] = {(void *)qkv, (void *)(qkv + d), (void *)(qkv + 2 * d), o};
+    void *ptr[A_NPTR] = {(void *)qkv, (void *)(qkv + D), (void *)(qkv + D + Dkv), o};
     ptr[T_VALID] = (void *)valid;
     const int64_t nl = nb / BM * BM;
-    real *qt = nl ? malloc((size_t)nl * s * 3 * d * sizeof(real)) : NULL;
+    real *qt = nl ? malloc((size_t)nl * s * W3 * sizeof(real)) : NULL;
     if (qt) {
         for (int64_t b0 = 0; b0 < nl; b0 += BM)
             for (int64_t t = 0; t < s; t++)
-                for (int64_t f = 0; f < 3 * d; f++)
+                for (int64_t f = 0; f < W3; f++)
                     for (int64_t l = 0; l < BM; l++)
-                        qt[(t * 3 * d + f) * nl + b0 + l] = qkv[((b0 + l) * s + t) * 3 * d + f];
+                        qt[(t * W3 + f) * nl + b0 + l] = qkv[((b0 + l) * s + t) * W3 + f];
         int64_t dl[A_STRIDES + 4 * T_N];
         memcpy(dl, dims, sizeof dl);
         dl[A_B] = nl;
-        const int64_t lanes[4] = {1, 3 * d * nl, d / H * nl, nl};
+        const int64_t lanes[4] = {1, W3 * nl, hd * nl, nl};
         for (int k = 0; k < 4; k++)
             dl[A_STRIDES + 4 * T_Q + k] = dl[A_STRIDES + 4 * T_K + k] = dl[A_STRIDES + 4 * T_V + k] = lanes[k];
         void *pl[A_NPTR];
         memcpy(pl, ptr, sizeof pl);
-        pl[T_Q] = qt, pl[T_K] = qt + d * nl, pl[T_V] = qt + 2 * d * nl;
-        const int r = attention_lanes(dl, &scale, pl, 0, nl / BM * H);
+        pl[T_Q] = qt, pl[T_K] = qt + D * nl, pl[T_V] = qt + (D + Dkv) * nl;
+        const int r = attention_lanes(dl, &scale, pl, 0, nl / BM * Hkv);
         free(qt);
         if (r) return r;
         if (nl == nb) return 0;
     }
     int failed = 0;     /* the other rows (all of them where the copy could not be allocated), one by one */
-    for (int64_t g = 0; g < H && !failed; g++)
+    for (int64_t g = 0; g < Hkv && !failed; g++)
         failed = attention_items(dims, &scale, ptr, g * nb + (qt ? nl : 0), g * nb + nb);
     return failed;
 }
@@ -1175,7 +1177,7 @@ static int forward_rows(const int64_t *fd, const double *fp, void *const *ptr, i
         layer_norm(x, h, M, d, FW(i, W_LN1_W), FW(i, W_LN1_B), eps[0]);
         fill_rows(qkv, FW(i, W_ATTN_B), M, 3 * d, 3 * d);
         gemm(M, 3 * d, d, h, d, 1, FW(i, W_ATTN_W), 3 * d, qkv, 3 * d);
-        if (!(ok = attend(nb, s, d, H, qkv, o, valid, eps[2]) == 0)) break;
+        if (!(ok = attend(nb, s, H, H, d / H, qkv, o, valid, eps[2]) == 0)) break;
         gemm_b(M, d, d, o, d, 1, FW(i, W_PROJ_W), d, h, d, 0);
         add_bias_rows(x, h, FW(i, W_PROJ_B), M, d);
         layer_norm(x, h, M, d, FW(i, W_LN2_W), FW(i, W_LN2_B), eps[1]);
@@ -1192,13 +1194,66 @@ static int forward_rows(const int64_t *fd, const double *fp, void *const *ptr, i
     return ok ? 0 : -1;
 }
 
+/* forward_rows for Llama (fd[F_LLAMA]): RMSNorm, q, k, v (+ biases), RoPE from the tables, grouped-query
+ * attention, o, RMSNorm, SiLU(gate) * up, down; the weights transposed ([in, out]) in LW_ order */
+static int forward_rows_llama(const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
+    const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], Hkv = fd[F_HKV], hd = fd[F_HD];
+    const int64_t M = nb * s, D = H * hd, Dkv = Hkv * hd, W3 = D + 2 * Dkv, h2 = hd / 2;
+    const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
+    const real *emb = (const real *)ptr[Q_WTE];
+    const real *cs = (const real *)ptr[Q_COS] + b0 * s * hd, *sn = (const real *)ptr[Q_SIN] + b0 * s * hd;
+    const uint8_t *valid = ptr[Q_VALID] ? (const uint8_t *)ptr[Q_VALID] + b0 * s : NULL;
+    real *x = malloc((size_t)M * d * sizeof(real)), *h = malloc((size_t)M * d * sizeof(real));
+    real *qkv = malloc((size_t)M * W3 * sizeof(real)), *o = malloc((size_t)M * D * sizeof(real));
+    real *f = malloc((size_t)M * F * sizeof(real)), *g = malloc((size_t)M * F * sizeof(real));
+    int ok = x && h && qkv && o && f && g;
+    for (int64_t m = 0; ok && m < M; m++) memcpy(x + m * d, emb + ids[m] * d, (size_t)d * sizeof(real));
+#define FL(i, k) ((const real *)ptr[Q_LAYERS + (i) * LW_N + (k)])
+    for (int64_t i = 0; ok && i < L; i++) {
+        const double *eps = fp + 1 + 3 * i;
+        rms_norm(x, h, M, d, FL(i, LW_LN1), eps[0]);
+        gemm_b(M, D, d, h, d, 1, FL(i, LW_Q), D, qkv, W3, 0);
+        gemm_b(M, Dkv, d, h, d, 1, FL(i, LW_K), Dkv, qkv + D, W3, 0);
+        gemm_b(M, Dkv, d, h, d, 1, FL(i, LW_V), Dkv, qkv + D + Dkv, W3, 0);
+        add_bias(qkv, FL(i, LW_BQ), M, D, W3);
+        add_bias(qkv + D, FL(i, LW_BK), M, Dkv, W3);
+        add_bias(qkv + D + Dkv, FL(i, LW_BV), M, Dkv, W3);
+        for (int64_t m = 0; m < M; m++) {                              /* RoPE: q's heads, then k's */
+            const real *c = cs + m * hd, *sg = sn + m * hd;
+            real rot[hd];
+            for (int64_t hh = 0; hh < H + Hkv; hh++) {
+                real *v = qkv + m * W3 + hh * hd;
+                for (int64_t e = 0; e < hd; e++) rot[e] = v[e] * c[e] + v[(e - h2 + hd) % hd] * sg[e];
+                memcpy(v, rot, (size_t)hd * sizeof(real));
+            }
+        }
+        if (!(ok = attend(nb, s, H, Hkv, hd, qkv, o, valid, eps[2]) == 0)) break;
+        gemm_b(M, d, D, o, D, 1, FL(i, LW_O), d, h, d, 0);
+        add_bias_rows(x, h, FL(i, LW_BO), M, d);
+        rms_norm(x, h, M, d, FL(i, LW_LN2), eps[1]);
+        gemm_b(M, F, d, h, d, 1, FL(i, LW_G), F, f, F, 0);
+        gemm_b(M, F, d, h, d, 1, FL(i, LW_U), F, g, F, 0);
+        add_bias(f, FL(i, LW_BG), M, F, F);
+        add_bias(g, FL(i, LW_BU), M, F, F);
+#pragma omp simd
+        for (int64_t j = 0; j < M * F; j++) f[j] = f[j] / (1 + r_exp(-f[j])) * g[j];
+        gemm_b(M, d, F, f, F, 1, FL(i, LW_D), d, h, d, 0);
+        add_bias_rows(x, h, FL(i, LW_BD), M, d);
+    }
+#undef FL
+    if (ok) rms_norm(x, (real *)ptr[Q_OUT] + b0 * s * d, M, d, (const real *)ptr[Q_LNF_W], fp[0]);
+    free(x), free(h), free(qkv), free(o), free(f), free(g);
+    return ok ? 0 : -1;
+}
+
 int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     const int64_t B = dims[F_B];
     const int64_t nt = team(dims[F_THREADS], B);
     /* rows in chunks taken by the threads as they come free (a core slowed by a neighbour does fewer), about four
-     * a thread, each with buffers (x, h, o: d; qkv: 3d; f, g: F wide, a row's s positions) within dims[F_CHUNK]
-     * bytes: a long or wide model does not take several buffers of the whole batch at once */
-    const int64_t per_row = dims[F_S] * (6 * dims[F_D] + 2 * dims[F_F]) * (int64_t)sizeof(real);
+     * a thread, each with buffers (x, h: d; o: D; qkv: D + 2 Dkv; f, g: F wide; a row's s positions) within
+     * dims[F_CHUNK] bytes: a long or wide model does not take several buffers of the whole batch at once */
+    const int64_t D = dims[F_H] * dims[F_HD], W3 = D + 2 * dims[F_HKV] * dims[F_HD];
+    const int64_t per_row = dims[F_S] * (2 * dims[F_D] + W3 + D + 2 * dims[F_F]) * (int64_t)sizeof(real);
     int64_t rows = (B + 4 * nt - 1) / (4 * nt);
     if (rows * per_row > dims[F_CHUNK]) rows = per_row >= dims[F_CHUNK] ? 1 : dims[F_CHUNK] / per_row;
     if (rows < 1) rows = 1;
@@ -1209,7 +1264,9 @@ int64_t fdpg_forward(const int64_t *dims, const double *fp, void *const *ptr) {
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < chunks; k++)
-            if (!failed) failed |= forward_rows(dims, fp, ptr, k * rows, B - k * rows < rows ? B - k * rows : rows);
+            if (!failed)
+                failed |= (dims[F_LLAMA] ? forward_rows_llama : forward_rows)(dims, fp, ptr, k * rows,
+                                                                             B - k * rows < rows ? B - k * rows : rows);
     }
     return failed ? -1 : 0;
 }

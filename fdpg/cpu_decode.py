@@ -38,7 +38,7 @@ _ACT = {"NewGELUActivation": 0, "GELUTanh": 0, "PytorchGELUTanh": 0, "FastGELUAc
 _N_DIMS, _N_PTRS, _W_PER_LAYER = 17, 27, 12       # as D_N, P_LAYERS and W_N in cpu_decode.c
 _W_PER_LLAMA_LAYER = 16                           # as LW_N
 _SILU = 3                                         # ACT_SILU
-_N_FDIMS, _N_FPTRS = 9, 7                         # as F_N and Q_LAYERS (fdpg_forward)
+_N_FDIMS, _N_FPTRS = 12, 9                        # as F_N and Q_LAYERS (fdpg_forward)
 # the native forward's working buffers per chunk of rows, at most (about): rows go through in chunks of about a
 # quarter of a thread's share, taken by the threads as they come free, and smaller where a chunk would pass this
 # (at the tiny benchmark config 16 rows of 32 positions, 3.7 MB, ran 20% faster than 64 rows, 14.7 MB, on one thread)
@@ -154,14 +154,14 @@ def _llama_weights(blk) -> list:
     return out
 
 
-def _llama_reason(dec) -> str | None:
-    """Why the native loop cannot take Llama decoder ``dec``'s weights, or None."""
+def _llama_reason(dec, tables=("cos_t", "sin_t")) -> str | None:
+    """Why the native code cannot take Llama decoder ``dec``'s weights (and its RoPE ``tables``), or None."""
     act = type(dec.blocks[0][8]).__name__
     if act not in ("SiLU", "SiLUActivation"):
         return f"the activation {act} (native, for Llama: SiLU)"
     if dec.wdtype != torch.float32:
         return "Llama in float64 (its RMSNorm rounds through float32 in the Python loop)"
-    tensors = [dec.emb, dec.head_w, dec.final_norm.weight, dec.cos_t, dec.sin_t]
+    tensors = [dec.emb, dec.head_w, dec.final_norm.weight] + [getattr(dec, t) for t in tables]
     for n1, qp, kp, vp, op, n2, gp, up, _, dp in dec.blocks:
         tensors += [n1.weight, n2.weight] + [t for lin in (qp, kp, vp, op, gp, up, dp) for t in (lin.weight, lin.bias)
                                              if t is not None]
@@ -261,34 +261,57 @@ def run(dec, logits: torch.Tensor, max_length: int, eos_token_id: int | None, pa
 
 
 def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
-    """The final-norm hidden states ``[B, s, d]`` of ``ids [B, s]`` through GPT-2 decoder ``dec``'s layers in one
-    native call (``dec`` set up by its scoring forward: ``dec.pe``, ``dec.valid``), as that forward computes them
-    to float rounding, the rows in chunks of at most about ``FORWARD_CHUNK_BYTES`` of working memory; None where the
-    native code cannot take it: autograd wanted, autocast, another device or dtype, a token id out of the
-    vocabulary, the library unavailable or its buffers not allocatable (the caller runs the torch forward)."""
-    if type(dec).__name__ != "_GPT2" or dec.dev.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    """The final-norm hidden states ``[B, s, d]`` of ``ids [B, s]`` through GPT-2 or (float32) Llama decoder
+    ``dec``'s layers in one native call (``dec`` set up by its scoring forward: ``dec.pe`` or ``dec.cos`` and
+    ``dec.sin_s``, ``dec.valid``), as that forward computes them to float rounding, the rows in chunks of at most
+    about ``FORWARD_CHUNK_BYTES`` of working memory; None where the native code cannot take it: autograd wanted,
+    autocast, another device or dtype, a token id out of the vocabulary, the library unavailable or its buffers not
+    allocatable (the caller runs the torch forward)."""
+    family = type(dec).__name__
+    if family not in ("_GPT2", "_Llama") or dec.dev.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return None
-    weights = [w for blk in dec.blocks for w in _layer_weights(blk)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (*weights, dec.wte, dec.pe, dec.final_norm.weight)):
+    llama = family == "_Llama"
+    if llama:
+        blocks = [[blk[0].weight, blk[5].weight] + [t for j in (1, 2, 3, 4, 6, 7, 9) for t in (blk[j].weight,
+                                                                                         blk[j].bias)]
+                  for blk in dec.blocks]
+        tracked = [t for ts in blocks for t in ts] + [dec.emb, dec.final_norm.weight]
+    else:
+        tracked = [w for blk in dec.blocks for w in _layer_weights(blk)] + [dec.wte, dec.pe, dec.final_norm.weight]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
         return None
-    if dec.wdtype not in (torch.float32, torch.float64) or _model_reason(dec, []) or _library_reason(dec.wdtype):
+    if llama:
+        reason = _llama_reason(dec, ())
+    else:
+        reason = (dec.wdtype not in (torch.float32, torch.float64)) or _model_reason(dec, [])
+    if reason or _library_reason(dec.wdtype):
         return None
     lib = _load(dec.wdtype)
     B, s = ids.shape
     ids = ids.contiguous()
-    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < dec.wte.shape[0]):
+    emb = dec.emb if llama else dec.wte
+    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < emb.shape[0]):
         return None                         # a token id out of the vocabulary: the torch forward raises on it
     valid = None if dec.valid is None else dec.valid.to(torch.uint8).contiguous()
     out = torch.empty(B, s, dec.d, dtype=dec.wdtype)
-    dims = [dec.n_layer, B, s, dec.d, dec.n_head, dec.blocks[0][4].weight.shape[1],
-            _ACT[type(dec.blocks[0][5]).__name__], torch.get_num_threads(), FORWARD_CHUNK_BYTES]
+    if llama:
+        F, act, hkv, hd = dec.blocks[0][6].weight.shape[0], _SILU, dec.n_kv, dec.hd
+        cos, sin = dec.cos.contiguous(), dec.sin_s.contiguous()
+        weights = [t for blk in dec.blocks for t in _llama_weights(blk)]
+    else:
+        F, act = dec.blocks[0][4].weight.shape[1], _ACT[type(dec.blocks[0][5]).__name__]
+        hkv, hd, cos, sin = dec.n_head, dec.d // dec.n_head, None, None
+        weights = [w for blk in dec.blocks for w in _layer_weights(blk)]
+    dims = [dec.n_layer, B, s, dec.d, dec.n_head, F, act, torch.get_num_threads(), FORWARD_CHUNK_BYTES, int(llama),
+            hkv, hd]
     fp = _norms_and_scales(dec)
-    keep = [ids, valid, out]                                              # alive during the call
-    ptrs = [t if t is None else t.data_ptr() for t in (ids, dec.pe, dec.wte, valid, out, dec.final_norm.weight,
-                                                        dec.final_norm.bias)]
-    ptrs += [t.data_ptr() for t in weights]
-    assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + _W_PER_LAYER * dec.n_layer
+    keep = [ids, valid, out, cos, sin, weights]                           # alive during the call
+    ptrs = [t if t is None else t.data_ptr() for t in (ids, None if llama else dec.pe, emb, valid, out,
+                                                        dec.final_norm.weight, None if llama else dec.final_norm.bias,
+                                                        cos, sin)]
+    ptrs += [None if t is None else t.data_ptr() for t in weights]
+    per_layer = _W_PER_LLAMA_LAYER if llama else _W_PER_LAYER
+    assert len(dims) == _N_FDIMS and len(ptrs) == _N_FPTRS + per_layer * dec.n_layer
     failed = _call(lib.forward, dims, fp, ptrs) != 0     # its buffers could not be allocated: the torch forward runs
     del keep
     return None if failed else out

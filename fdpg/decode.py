@@ -934,6 +934,9 @@ class _Llama(_FastDecoder):
     def _embed(self, ids):
         return F.embedding(ids, self.emb, self.pad_idx).view(-1, self.d)
 
+    def _native_forward(self, ids):
+        return cpu_decode.forward(self, ids)       # on the CPU without autograd, float32 (fdpg/cpu_decode.c)
+
     _RMS, _NORMS = True, (0, 5)
 
     def _rope(self, s):

@@ -338,6 +338,31 @@ def test_native_forward_through_row_blocks(monkeypatch, dtype, tol, threads):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("threads,chunk", [(1, 64 << 20), (3, 64 << 20), (2, 1)])
+@pytest.mark.parametrize("name", list(LLAMAS))
+def test_native_llama_forward_equals_the_torch_forward(monkeypatch, threads, chunk, name):
+    """Llama's scoring forward in one native call (float32; GQA, and biases, scaled RoPE, head dim off d / heads):
+    left-padded and unpadded rows, 37 of them (blocks of 16 rows and single rows in attention), over 1-3 threads
+    and in chunks of one row, against fdpg's torch forward; the native call did run. float64 stays in torch."""
+    monkeypatch.setattr(native, "FORWARD_CHUNK_BYTES", chunk)
+    model = llama(**LLAMAS[name])
+    ids, mask = contexts("padded", 37)
+    plain = torch.randint(0, V, (37, 9), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda fn, *a: calls.append(fn) or real(fn, *a))
+    torch.set_num_threads(threads)
+    try:
+        for x, m in ((ids, mask), (plain, None)):
+            got, want = native_and_torch(monkeypatch, model, x, m)
+            keep = torch.ones_like(x, dtype=torch.bool) if m is None else m
+            torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=2e-5)
+    finally:
+        torch.set_num_threads(1)
+    assert calls.count(native._load(torch.float32).forward) == 2
+    assert native.forward(decoder(model.double(), 2, 3), torch.zeros(2, 3, dtype=torch.long)) is None
+
+
 def test_native_forward_only_without_autograd():
     """With autograd wanted (the policy's scoring pass), under autocast, or in half precision the torch forward runs."""
     from fdpg.decode import _GPT2
