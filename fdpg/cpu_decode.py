@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -141,16 +142,36 @@ def unavailable_reason(dec, all_done=None) -> str | None:
     return reason or _library_reason(dec.wdtype)
 
 
+# Llama's Linear weights transposed for the native GEMM, kept while the weight is unchanged (its version counter:
+# the prior's once, the policy's once per optimizer step); the native Llama path takes models whose Linear weights
+# fit in LLAMA_MAX_BYTES (the copies double them)
+LLAMA_MAX_BYTES = 1 << 30
+_transposed_cache: dict = {}      # id(weight) -> (weakref to it, (version, data_ptr), the copy); gone with it
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w.t()`` as a contiguous copy, cached for ``w`` until it changes."""
+    key = (w._version, w.data_ptr())
+    hit = _transposed_cache.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    if hit is None or hit[0]() is not w:                   # a new weight: its entry goes when it does
+        weakref.finalize(w, _transposed_cache.pop, id(w), None)
+    copy = w.detach().t().contiguous()
+    _transposed_cache[id(w)] = (weakref.ref(w), key, copy)
+    return copy
+
+
 def _llama_weights(blk) -> list:
     """A Llama block's tensors in cpu_decode.c's LW_ order: norm weights, each Linear's weight transposed
-    (``[in, out]``, a contiguous copy: the native GEMM reads its right factor row-major) and its bias or None."""
+    (``[in, out]``, contiguous: the native GEMM reads its right factor row-major) and its bias or None."""
     n1, qp, kp, vp, op, n2, gp, up, _, dp = blk
     out = [n1.weight]
     for lin in (qp, kp, vp, op):
-        out += [lin.weight.detach().t().contiguous(), lin.bias]
+        out += [_transposed(lin.weight), lin.bias]
     out.append(n2.weight)
     for lin in (gp, up, dp):
-        out += [lin.weight.detach().t().contiguous(), lin.bias]
+        out += [_transposed(lin.weight), lin.bias]
     return out
 
 
@@ -161,6 +182,9 @@ def _llama_reason(dec, tables=("cos_t", "sin_t")) -> str | None:
         return f"the activation {act} (native, for Llama: SiLU)"
     if dec.wdtype != torch.float32:
         return "Llama in float64 (its RMSNorm rounds through float32 in the Python loop)"
+    linear_bytes = sum(blk[j].weight.numel() for blk in dec.blocks for j in (1, 2, 3, 4, 6, 7, 9)) * 4
+    if linear_bytes > LLAMA_MAX_BYTES:
+        return f"Llama's Linear weights past LLAMA_MAX_BYTES ({linear_bytes >> 20} MiB; transposed copies double them)"
     tensors = [dec.emb, dec.head_w, dec.final_norm.weight] + [getattr(dec, t) for t in tables]
     for n1, qp, kp, vp, op, n2, gp, up, _, dp in dec.blocks:
         tensors += [n1.weight, n2.weight] + [t for lin in (qp, kp, vp, op, gp, up, dp) for t in (lin.weight, lin.bias)

@@ -242,6 +242,10 @@ def test_unavailable_where_the_python_loop_runs(monkeypatch):
         dec = decoder(model, 2, 4)
         dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
         assert why in native.unavailable_reason(dec, **kw)
+    monkeypatch.setattr(native, "LLAMA_MAX_BYTES", 1000)
+    dec = decoder(llama(), 2, 4)
+    dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
+    assert "LLAMA_MAX_BYTES" in native.unavailable_reason(dec)
     monkeypatch.setenv("FDPG_CPU_DECODE", "0")
     dec = decoder(gpt2(), 2, 4)
     dec.prefill(torch.ones(2, 1, dtype=torch.long), None)
@@ -361,6 +365,27 @@ def test_native_llama_forward_equals_the_torch_forward(monkeypatch, threads, chu
         torch.set_num_threads(1)
     assert calls.count(native._load(torch.float32).forward) == 2
     assert native.forward(decoder(model.double(), 2, 3), torch.zeros(2, 3, dtype=torch.long)) is None
+
+
+def test_native_llama_weights_follow_updates(monkeypatch):
+    """The transposed Linear weights the native Llama code reads are made once and kept while the weight is
+    unchanged; an in-place update (an optimizer step) is seen at the next call; they go with the model."""
+    import gc
+
+    model = llama()
+    ids = torch.randint(0, V, (5, 7), generator=torch.Generator().manual_seed(4))
+    before = len(native._transposed_cache)
+    got, want = native_and_torch(monkeypatch, model, ids)
+    n = len(native._transposed_cache)
+    assert n == before + 14                                    # 7 Linears a layer, 2 layers
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(-2.0)
+    got2, want2 = native_and_torch(monkeypatch, model, ids)
+    assert len(native._transposed_cache) == n and not torch.allclose(got, got2)
+    torch.testing.assert_close(got2, want2, atol=2e-5, rtol=2e-5)
+    del model
+    gc.collect()
+    assert len(native._transposed_cache) == before
 
 
 def test_native_forward_only_without_autograd():
