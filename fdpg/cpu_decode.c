@@ -1096,11 +1096,11 @@ static int attention_lanes(const int64_t *dims, const double *fp, void *const *p
 
 /* ---- the no-grad forward over whole sequences (the prior's scoring pass): every layer ------------------------
  *
- * fdpg_forward: the final-norm hidden states out [B, s, d] of ids [B, s] (int64), with the position embeddings pe
- * [B, s, d] already gathered and valid [B, s] (uint8, NULL: no padding): a query attends to the valid keys at or
- * before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each thread takes a block of
- * rows through every layer with its GEMMs over all of its rows' positions at once (M = rows x s, single-threaded
- * MKL per thread). */
+ * fdpg_forward: the final-norm hidden states out [B, s, d] of ids [B, s] (int64), with GPT-2's position embeddings
+ * pe [B, s, d] already gathered (Llama: its RoPE tables) and valid [B, s] (uint8, NULL: no padding): a query attends
+ * to the valid keys at or before it, and a padding query to itself only (as fdpg.decode's scoring forward). Each
+ * thread takes a block of rows through every layer with its GEMMs over all of its rows' positions at once (M = rows
+ * x s, the GEMM on that thread). */
 enum { F_L, F_B, F_S, F_D, F_H, F_F, F_ACT, F_THREADS, F_CHUNK, F_LLAMA, F_HKV, F_HD, F_N };
 /* (Q_PE, Q_LNF_B: NULL for Llama; Q_COS, Q_SIN [B, s, hd], sin with rotate_half's sign: NULL for GPT-2) */
 enum { Q_IDS, Q_PE, Q_WTE, Q_VALID, Q_OUT, Q_LNF_W, Q_LNF_B, Q_COS, Q_SIN, Q_LAYERS };

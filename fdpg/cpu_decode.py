@@ -1,14 +1,15 @@
 """The CPU sampling loop in C (fdpg/cpu_decode.c): a whole GPT-2 or Llama (float32) sampling pass after the prefill
-in one native call; GPT-2's no-grad scoring forward (the prior's pass, :func:`forward`) in another; and causal
-attention with autograd (:func:`attention`: the policy's scoring pass and replay, a native forward and backward).
+in one native call; the no-grad scoring forward of either (the prior's pass, :func:`forward`) in another; causal
+attention with autograd (:func:`attention`: the policy's scoring pass and replay, a native forward and backward);
+and the GEMM the loops use (:func:`gemm`).
 
 On the CPU a decoding step of a small model is mostly framework time (a few hundred small ops, each dispatched from
 Python); this loop runs every step and every draw in C, with the batch split into one block of rows per thread
 (each thread runs its rows through the whole pass: sequences decode independently), GEMMs included (the C file's
 own register-tiled kernel, :func:`gemm`: MKL's sgemm ran these small-M GEMMs at a third of its rate on AMD's
 AVX-512 cores). It computes what the Python loop of :func:`fdpg.sampling.sample` computes over
-:class:`fdpg.decode._GPT2`'s slab: the same cache, the same recording (so ``Samples.replay`` works alike), the same
-draws from the same uniforms (the generator consumed alike), to float rounding.
+:class:`fdpg.decode._GPT2`'s (or ``_Llama``'s) slab: the same cache, the same recording (so ``Samples.replay``
+works alike), the same draws from the same uniforms (the generator consumed alike), to float rounding.
 
 The library is compiled at first use with the C compiler (``$CC``, else ``cc``/``gcc``; about a second, no torch
 headers) into ``$FDPG_CACHE_DIR`` (default ``~/.cache/fdpg``), keyed by the source, the flags and the CPU; with
