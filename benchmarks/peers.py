@@ -89,8 +89,8 @@ class Shape:
 SHAPES = {
     "tiny-cpu": Shape("tiny-cpu", "gpt2", vocab=512, d=128, n_layer=4, n_head=8, length=32, batch=64,
                       default_device="cpu"),
-    # the same size in Llama's form (RMSNorm, RoPE, SwiGLU, grouped-query attention): fdpg's CPU path for a model
-    # the native sampling loop does not know (the Python decode loop, its recording replayed)
+    # the same size in Llama's form (RMSNorm, RoPE, SwiGLU, grouped-query attention): fdpg's Llama step on the CPU
+    # (the native loop's step_llama, the native forward's Llama layers)
     "tiny-cpu-llama": Shape("tiny-cpu-llama", "llama", vocab=512, d=128, n_layer=4, n_head=8, n_kv_head=2, d_ff=352,
                             length=32, batch=64, default_device="cpu"),
     "gpt2-small": Shape("gpt2-small", "gpt2", vocab=50257, d=768, n_layer=12, n_head=12, length=64, batch=32,

@@ -373,10 +373,22 @@ static void attention(const Ctx *c, const Work *wk, Buf *bf, int64_t i, int64_t 
     }
 }
 
+/* the output layer over the rows' final-norm outputs bf->h: their logits at slot n, [nb, V] at row stride *ldz (in
+ * rec_logits when recording) */
+static real *logits_rows(const Ctx *c, const Work *wk, Buf *bf, int64_t n, int64_t *ldz) {
+    const int64_t V = c->V, nb = wk->nb;
+    real *z = (real *)P(c, P_REC_LOGITS);
+    *ldz = z ? c->S * V : V;
+    z = z ? z + (wk->b0 * c->S + n) * V : bf->logits;
+    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
+    gemm(nb, V, c->d, bf->h, c->d, 1, c->head_t, V, z, *ldz);
+    return z;
+}
+
 /* the next logits of the rows after feeding tok at slot n: [nb, V] at row stride *ldz (in rec_logits when
  * recording) */
 static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok, int64_t *ldz) {
-    const int64_t B = c->B, d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0;
+    const int64_t B = c->B, d = c->d, F = c->F, nb = wk->nb, b0 = wk->b0;
     const real *wte = (const real *)P(c, P_WTE), *pe = (const real *)P(c, P_PE);
     int64_t *rec_ids = (int64_t *)P(c, P_REC_IDS);
     for (int64_t m = 0; m < nb; m++) {
@@ -412,12 +424,7 @@ static real *step(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_
         add_rows(bf->x, y, nb, d, ly);
     }
     layer_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), (const real *)P(c, P_LNF_B), c->fp[0]);
-    real *z = (real *)P(c, P_REC_LOGITS);
-    *ldz = z ? c->S * V : V;
-    z = z ? z + (b0 * c->S + n) * V : bf->logits;
-    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
-    gemm(nb, V, d, bf->h, d, 1, c->head_t, V, z, *ldz);
-    return z;
+    return logits_rows(c, wk, bf, n, ldz);
 }
 
 /* RMSNorm as fdpg.decode._rms (F.rms_norm): y = x / sqrt(mean(x^2) + eps) * w, rows of d */
@@ -441,12 +448,53 @@ static void add_bias(real *restrict y, const real *restrict bias, int64_t rows, 
         for (int64_t j = 0; j < n; j++) y[m * ld + j] += bias[j];
 }
 
+/* A Llama layer's pieces, shared by the sampling step and the forward; lw: the layer's tensors in LW_ order */
+#define LWT(k) ((const real *)lw[k])
+
+/* qkv [rows, D + 2 Dkv] = the q, k, v projections of h [rows, d], biases added */
+static void llama_qkv(int64_t rows, int64_t d, int64_t D, int64_t Dkv, const real *h, void *const *lw, real *qkv) {
+    const int64_t W3 = D + 2 * Dkv;
+    gemm_b(rows, D, d, h, d, 1, LWT(LW_Q), D, qkv, W3, 0);
+    gemm_b(rows, Dkv, d, h, d, 1, LWT(LW_K), Dkv, qkv + D, W3, 0);
+    gemm_b(rows, Dkv, d, h, d, 1, LWT(LW_V), Dkv, qkv + D + Dkv, W3, 0);
+    add_bias(qkv, LWT(LW_BQ), rows, D, W3);
+    add_bias(qkv + D, LWT(LW_BK), rows, Dkv, W3);
+    add_bias(qkv + D + Dkv, LWT(LW_BV), rows, Dkv, W3);
+}
+
+/* RoPE over the heads x [heads, hd] of one position: x cos + roll(x, hd / 2) sin (sin carrying rotate_half's sign,
+ * as fdpg.decode._rotary), cos and sin of dim e at cs[e * st], sn[e * st] */
+static void rope(real *restrict x, int64_t heads, int64_t hd, const real *cs, const real *sn, int64_t st) {
+    real rot[hd];
+    for (int64_t hh = 0; hh < heads; hh++, x += hd) {
+        for (int64_t e = 0; e < hd; e++) rot[e] = x[e] * cs[e * st] + x[(e - hd / 2 + hd) % hd] * sn[e * st];
+        memcpy(x, rot, (size_t)hd * sizeof(real));
+    }
+}
+
+/* the gate and up projections of h [rows, d] into g, u (row strides lg, lu; biases added), then a [rows, F]
+ * (contiguous; may be g itself when lg = F) = SiLU(g) * u */
+static void llama_gate_up(int64_t rows, int64_t d, int64_t F, const real *h, void *const *lw, real *g, int64_t lg,
+                          real *u, int64_t lu, real *a) {
+    gemm_b(rows, F, d, h, d, 1, LWT(LW_G), F, g, lg, 0);
+    gemm_b(rows, F, d, h, d, 1, LWT(LW_U), F, u, lu, 0);
+    add_bias(g, LWT(LW_BG), rows, F, lg);
+    add_bias(u, LWT(LW_BU), rows, F, lu);
+    for (int64_t m = 0; m < rows; m++) {
+        const real *gm = g + m * lg, *um = u + m * lu;
+        real *am = a + m * F;
+#pragma omp simd
+        for (int64_t j = 0; j < F; j++) am[j] = gm[j] / (1 + r_exp(-gm[j])) * um[j];
+    }
+}
+#undef LWT
+
 /* step for Llama (c->llama): RMSNorm, q, k, v (recorded before RoPE), RoPE from the tables cos, sin [S, hd, B]
  * (sin carrying rotate_half's sign), the slot written, grouped-query attention, o, RMSNorm, SiLU(gate) * up, down;
  * as fdpg.decode._Llama's slab step computes them. The weights come transposed ([in, out]). */
 static real *step_llama(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const int64_t *tok, int64_t *ldz) {
-    const int64_t B = c->B, d = c->d, F = c->F, V = c->V, nb = wk->nb, b0 = wk->b0, hd = c->hd;
-    const int64_t D = c->H * hd, Dkv = c->Hkv * hd, W3 = D + 2 * Dkv, h2 = hd / 2;
+    const int64_t B = c->B, d = c->d, F = c->F, nb = wk->nb, b0 = wk->b0, hd = c->hd;
+    const int64_t D = c->H * hd, Dkv = c->Hkv * hd, W3 = D + 2 * Dkv;
     const real *emb = (const real *)P(c, P_WTE);
     const real *cs = (const real *)P(c, P_COS) + n * hd * B + b0, *sn = (const real *)P(c, P_SIN) + n * hd * B + b0;
     int64_t *rec_ids = (int64_t *)P(c, P_REC_IDS);
@@ -457,26 +505,17 @@ static real *step_llama(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const 
     for (int64_t i = 0; i < c->L; i++) {
         const double *eps = c->fp + 1 + 3 * i;
         rms_norm(bf->x, bf->h, nb, d, LW(c, i, LW_LN1), eps[0]);
+        void *const *lw = c->ptr + P_LAYERS + i * LW_N;
         real *qkv = bf->qkv;
-        gemm_b(nb, D, d, bf->h, d, 1, LW(c, i, LW_Q), D, qkv, W3, 0);
-        gemm_b(nb, Dkv, d, bf->h, d, 1, LW(c, i, LW_K), Dkv, qkv + D, W3, 0);
-        gemm_b(nb, Dkv, d, bf->h, d, 1, LW(c, i, LW_V), Dkv, qkv + D + Dkv, W3, 0);
-        add_bias(qkv, LW(c, i, LW_BQ), nb, D, W3);
-        add_bias(qkv + D, LW(c, i, LW_BK), nb, Dkv, W3);
-        add_bias(qkv + D + Dkv, LW(c, i, LW_BV), nb, Dkv, W3);
+        llama_qkv(nb, d, D, Dkv, bf->h, lw, qkv);
         int64_t lq, lk;
         real *rq = rec_at(c, P_REC_Q, i, n, b0, D, NULL, &lq), *rk = rec_at(c, P_REC_K, i, n, b0, Dkv, NULL, &lk);
         for (int64_t m = 0; rq && m < nb; m++) memcpy(rq + m * lq, qkv + m * W3, (size_t)D * sizeof(real));
         for (int64_t m = 0; rk && m < nb; m++) memcpy(rk + m * lk, qkv + m * W3 + D, (size_t)Dkv * sizeof(real));
         real *slot = (real *)P(c, P_SLAB) + ((i * c->S + n) * W3) * B + b0;         /* [W3, B] at column b0 */
         for (int64_t m = 0; m < nb; m++) {
-            real *row = qkv + m * W3, rot[hd];
-            for (int64_t hh = 0; hh < c->H + c->Hkv; hh++) {          /* RoPE: q's heads, then k's */
-                real *x = row + hh * hd;
-                for (int64_t e = 0; e < hd; e++)
-                    rot[e] = x[e] * cs[e * B + m] + x[(e - h2 + hd) % hd] * sn[e * B + m];
-                memcpy(x, rot, (size_t)hd * sizeof(real));
-            }
+            real *row = qkv + m * W3;
+            rope(row, c->H + c->Hkv, hd, cs + m, sn + m, B);           /* q's heads, then k's */
             for (int64_t j = 0; j < W3; j++) slot[j * B + m] = row[j];
         }
         attention(c, wk, bf, i, n);
@@ -487,28 +526,14 @@ static real *step_llama(const Ctx *c, const Work *wk, Buf *bf, int64_t n, const 
         add_rows(bf->x, y, nb, d, ly);
         rms_norm(bf->x, bf->h, nb, d, LW(c, i, LW_LN2), eps[1]);
         real *g = rec_at(c, P_REC_GATE, i, n, b0, F, bf->f, &lg), *u = rec_at(c, P_REC_UP, i, n, b0, F, bf->g, &lu);
-        gemm_b(nb, F, d, bf->h, d, 1, LW(c, i, LW_G), F, g, lg, 0);
-        gemm_b(nb, F, d, bf->h, d, 1, LW(c, i, LW_U), F, u, lu, 0);
-        add_bias(g, LW(c, i, LW_BG), nb, F, lg);
-        add_bias(u, LW(c, i, LW_BU), nb, F, lu);
-        for (int64_t m = 0; m < nb; m++) {
-            const real *gm = g + m * lg, *um = u + m * lu;
-            real *a = bf->t_f + m * F;
-#pragma omp simd
-            for (int64_t j = 0; j < F; j++) a[j] = gm[j] / (1 + r_exp(-gm[j])) * um[j];
-        }
+        llama_gate_up(nb, d, F, bf->h, lw, g, lg, u, lu, bf->t_f);
         y = rec_at(c, P_REC_DOWN, i, n, b0, d, bf->t_d, &ly);
         gemm_b(nb, d, F, bf->t_f, F, 1, LW(c, i, LW_D), d, y, ly, 0);
         add_bias(y, LW(c, i, LW_BD), nb, d, ly);
         add_rows(bf->x, y, nb, d, ly);
     }
     rms_norm(bf->x, bf->h, nb, d, (const real *)P(c, P_LNF_W), c->fp[0]);
-    real *z = (real *)P(c, P_REC_LOGITS);
-    *ldz = z ? c->S * V : V;
-    z = z ? z + (b0 * c->S + n) * V : bf->logits;
-    fill_rows(z, (const real *)P(c, P_HEAD_B), nb, V, *ldz);
-    gemm(nb, V, d, bf->h, d, 1, c->head_t, V, z, *ldz);
-    return z;
+    return logits_rows(c, wk, bf, n, ldz);
 }
 
 /* one token from logits l [V] with the uniform u: softmax in float32, inverse CDF in float64 (right side, as
@@ -1198,7 +1223,7 @@ static int forward_rows(const int64_t *fd, const double *fp, void *const *ptr, i
  * attention, o, RMSNorm, SiLU(gate) * up, down; the weights transposed ([in, out]) in LW_ order */
 static int forward_rows_llama(const int64_t *fd, const double *fp, void *const *ptr, int64_t b0, int64_t nb) {
     const int64_t L = fd[F_L], s = fd[F_S], d = fd[F_D], H = fd[F_H], F = fd[F_F], Hkv = fd[F_HKV], hd = fd[F_HD];
-    const int64_t M = nb * s, D = H * hd, Dkv = Hkv * hd, W3 = D + 2 * Dkv, h2 = hd / 2;
+    const int64_t M = nb * s, D = H * hd, Dkv = Hkv * hd, W3 = D + 2 * Dkv;
     const int64_t *ids = (const int64_t *)ptr[Q_IDS] + b0 * s;
     const real *emb = (const real *)ptr[Q_WTE];
     const real *cs = (const real *)ptr[Q_COS] + b0 * s * hd, *sn = (const real *)ptr[Q_SIN] + b0 * s * hd;
@@ -1211,32 +1236,15 @@ static int forward_rows_llama(const int64_t *fd, const double *fp, void *const *
 #define FL(i, k) ((const real *)ptr[Q_LAYERS + (i) * LW_N + (k)])
     for (int64_t i = 0; ok && i < L; i++) {
         const double *eps = fp + 1 + 3 * i;
+        void *const *lw = ptr + Q_LAYERS + i * LW_N;
         rms_norm(x, h, M, d, FL(i, LW_LN1), eps[0]);
-        gemm_b(M, D, d, h, d, 1, FL(i, LW_Q), D, qkv, W3, 0);
-        gemm_b(M, Dkv, d, h, d, 1, FL(i, LW_K), Dkv, qkv + D, W3, 0);
-        gemm_b(M, Dkv, d, h, d, 1, FL(i, LW_V), Dkv, qkv + D + Dkv, W3, 0);
-        add_bias(qkv, FL(i, LW_BQ), M, D, W3);
-        add_bias(qkv + D, FL(i, LW_BK), M, Dkv, W3);
-        add_bias(qkv + D + Dkv, FL(i, LW_BV), M, Dkv, W3);
-        for (int64_t m = 0; m < M; m++) {                              /* RoPE: q's heads, then k's */
-            const real *c = cs + m * hd, *sg = sn + m * hd;
-            real rot[hd];
-            for (int64_t hh = 0; hh < H + Hkv; hh++) {
-                real *v = qkv + m * W3 + hh * hd;
-                for (int64_t e = 0; e < hd; e++) rot[e] = v[e] * c[e] + v[(e - h2 + hd) % hd] * sg[e];
-                memcpy(v, rot, (size_t)hd * sizeof(real));
-            }
-        }
+        llama_qkv(M, d, D, Dkv, h, lw, qkv);
+        for (int64_t m = 0; m < M; m++) rope(qkv + m * W3, H + Hkv, hd, cs + m * hd, sn + m * hd, 1);
         if (!(ok = attend(nb, s, H, Hkv, hd, qkv, o, valid, eps[2]) == 0)) break;
         gemm_b(M, d, D, o, D, 1, FL(i, LW_O), d, h, d, 0);
         add_bias_rows(x, h, FL(i, LW_BO), M, d);
         rms_norm(x, h, M, d, FL(i, LW_LN2), eps[1]);
-        gemm_b(M, F, d, h, d, 1, FL(i, LW_G), F, f, F, 0);
-        gemm_b(M, F, d, h, d, 1, FL(i, LW_U), F, g, F, 0);
-        add_bias(f, FL(i, LW_BG), M, F, F);
-        add_bias(g, FL(i, LW_BU), M, F, F);
-#pragma omp simd
-        for (int64_t j = 0; j < M * F; j++) f[j] = f[j] / (1 + r_exp(-f[j])) * g[j];
+        llama_gate_up(M, d, F, h, lw, f, F, g, F, f);
         gemm_b(M, d, F, f, F, 1, FL(i, LW_D), d, h, d, 0);
         add_bias_rows(x, h, FL(i, LW_BD), M, d);
     }

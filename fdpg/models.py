@@ -224,7 +224,7 @@ def _logits(model, inp: ModelInputs, sl: slice = slice(None)) -> torch.Tensor:
     if isinstance(head, torch.nn.Linear) and hasattr(model, "base_model") and model.base_model is not model:
         h = _hidden(model, inp, sl.stop)[:, sl]
         plain = type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-        return linear(h, head.weight, head.bias) if plain else head(h)     # linear: oneDNN on the CPU
+        return linear(h, head.weight, head.bias) if plain else head(h)     # linear: fdpg.cpu_gemm on the CPU
     return model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, position_ids=inp.position_ids,
                  use_cache=False).logits[:, sl]
 
