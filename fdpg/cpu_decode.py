@@ -176,6 +176,19 @@ def _llama_weights(blk) -> list:
     return out
 
 
+_LLAMA_LINEARS = (1, 2, 3, 4, 6, 7, 9)            # q, k, v, o, gate, up, down in a block of fdpg.decode._Llama
+
+
+def _llama_tensors(dec) -> list:
+    """Llama decoder ``dec``'s own tensors the native code reads: embedding, final norm, and every layer's norms,
+    Linear weights and biases (present ones)."""
+    ts = [dec.emb, dec.final_norm.weight]
+    for blk in dec.blocks:
+        ts += [blk[0].weight, blk[5].weight] + [t for j in _LLAMA_LINEARS for t in (blk[j].weight, blk[j].bias)
+                                                if t is not None]
+    return ts
+
+
 def _llama_reason(dec, tables=("cos_t", "sin_t")) -> str | None:
     """Why the native code cannot take Llama decoder ``dec``'s weights (and its RoPE ``tables``), or None."""
     act = type(dec.blocks[0][8]).__name__
@@ -183,13 +196,10 @@ def _llama_reason(dec, tables=("cos_t", "sin_t")) -> str | None:
         return f"the activation {act} (native, for Llama: SiLU)"
     if dec.wdtype != torch.float32:
         return "Llama in float64 (its RMSNorm rounds through float32 in the Python loop)"
-    linear_bytes = sum(blk[j].weight.numel() for blk in dec.blocks for j in (1, 2, 3, 4, 6, 7, 9)) * 4
+    linear_bytes = sum(blk[j].weight.numel() for blk in dec.blocks for j in _LLAMA_LINEARS) * 4
     if linear_bytes > LLAMA_MAX_BYTES:
         return f"Llama's Linear weights past LLAMA_MAX_BYTES ({linear_bytes >> 20} MiB; transposed copies double them)"
-    tensors = [dec.emb, dec.head_w, dec.final_norm.weight] + [getattr(dec, t) for t in tables]
-    for n1, qp, kp, vp, op, n2, gp, up, _, dp in dec.blocks:
-        tensors += [n1.weight, n2.weight] + [t for lin in (qp, kp, vp, op, gp, up, dp) for t in (lin.weight, lin.bias)
-                                             if t is not None]
+    tensors = _llama_tensors(dec) + [dec.head_w] + [getattr(dec, t) for t in tables]
     if any(not t.is_contiguous() or t.dtype != dec.wdtype for t in tensors):
         return "a weight that is not contiguous, or weights of mixed dtypes"
     return None
@@ -297,10 +307,7 @@ def forward(dec, ids: torch.Tensor) -> torch.Tensor | None:
         return None
     llama = family == "_Llama"
     if llama:
-        blocks = [[blk[0].weight, blk[5].weight] + [t for j in (1, 2, 3, 4, 6, 7, 9) for t in (blk[j].weight,
-                                                                                         blk[j].bias)]
-                  for blk in dec.blocks]
-        tracked = [t for ts in blocks for t in ts] + [dec.emb, dec.final_norm.weight]
+        tracked = _llama_tensors(dec)
     else:
         tracked = [w for blk in dec.blocks for w in _layer_weights(blk)] + [dec.wte, dec.pe, dec.final_norm.weight]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
