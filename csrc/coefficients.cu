@@ -92,21 +92,30 @@ __device__ __forceinline__ double softplus(double x) { return fmax(x, 0.0) + log
 
 __device__ __forceinline__ double sign(double x) { return isnan(x) ? x : (x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0)); }
 
-// exp(log_w) f'(t) at s = log t (fdpg.divergences.Divergence.weighted_f_prime, term for term).
-__device__ __forceinline__ double weighted_f_prime(const fdpg_divergence& d, double s, double log_w) {
-    double out = 0.0;
+// exp(log_w) (f'(t) - shift) at s = log t (fdpg.divergences.Divergence.weighted_f_prime, term for term): the shift
+// (the baseline) is taken from f''s non-exponential part before the weight multiplies it, as
+// sign(r) exp(log_w + log|r|) where exp(log_w) r would overflow or underflow on the way.
+// The part of f'(s) that is not an exponential of s.
+__device__ __forceinline__ double rest_value(const fdpg_divergence& d, double s) {
+    double r = 0.0;
     if (d.has_rest) {
-        const double w = exp(log_w);
-        if (w != 0.0) {  // a sample of zero weight contributes 0, even where rest(s) is infinite
-            double r = d.rest[0];
-            if (d.rest[1] != 0.0) r += d.rest[1] * s;
-            if (d.rest[2] != 0.0) r += d.rest[2] * sign(s);
-            if (d.rest[3] != 0.0) r += d.rest[3] * softplus(-s);
-            out = w * r;
-        }
+        r = d.rest[0];
+        if (d.rest[1] != 0.0) r += d.rest[1] * s;
+        if (d.rest[2] != 0.0) r += d.rest[2] * sign(s);
+        if (d.rest[3] != 0.0) r += d.rest[3] * softplus(-s);
     }
-    const bool dead = log_w == -INFINITY;  // pi(x) = 0: 0 even where exp(a s) is infinite
+    return r;
+}
+
+__device__ __forceinline__ double weighted_f_prime(const fdpg_divergence& d, double s, double log_w, double shift) {
+    double out = 0.0;
+    const bool dead = log_w == -INFINITY;  // pi(x) = 0: 0 even where exp(a s) or f'(t) is infinite
     for (int k = 0; k < d.n_exp; ++k) out += d.exp_coef[k] * exp(dead ? log_w : d.exp_rate[k] * s + log_w);
+    const double r = rest_value(d, s) - shift;
+    if (!dead && r != 0.0) {
+        const double w = exp(log_w), direct = w * r;
+        out += isfinite(direct) && w > 0.0 && isfinite(w) ? direct : copysign(exp(log_w + log(fabs(r))), r);
+    }
     return out;
 }
 
@@ -119,7 +128,7 @@ __device__ __forceinline__ double ld(const T* p, int64_t i) {
 template <typename T>
 __device__ __forceinline__ void pass_log_z_and_weights(const T* lpi, const T* lq, const T* lP, const T* log_z_in,
                                                        int64_t n, double* smem, double& lz, double& lse_w,
-                                                       double& ess) {
+                                                       double& ess, double& max_w) {
     Lse acc[3] = {{-INFINITY, 0.0}, {-INFINITY, 0.0}, {-INFINITY, 0.0}};
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const double a = ld(lpi, i), b = ld(lq, i);
@@ -130,6 +139,7 @@ __device__ __forceinline__ void pass_log_z_and_weights(const T* lpi, const T* lq
     block_lse<3>(acc, smem);
     lz = log_z_in != nullptr ? static_cast<double>(log_z_in[0]) : acc[0].value() - log(static_cast<double>(n));
     lse_w = acc[1].value();
+    max_w = acc[1].m;  // the largest log w: one of the a - b above, exactly
     ess = exp(2.0 * lse_w - acc[2].value());  // 1 / sum(w_i^2) of the normalised weights w_i = exp(log w_i - lse_w)
 }
 
@@ -140,24 +150,40 @@ coefficients_kernel(const T* __restrict__ lpi, const T* __restrict__ lq, const T
                     double baseline_value, T* __restrict__ coef, T* __restrict__ weights, T* __restrict__ log_z_out,
                     T* __restrict__ ess_out, T* __restrict__ baseline_out) {
     __shared__ double smem[32 * 3 * 2];
-    double lz, lse_w, ess;
-    pass_log_z_and_weights(lpi, lq, lP, log_z_in, n, smem, lz, lse_w, ess);
+    __shared__ unsigned long long first_max;
+    double lz, lse_w, ess, max_w;
+    pass_log_z_and_weights(lpi, lq, lP, log_z_in, n, smem, lz, lse_w, ess, max_w);
     // The reference computes in the input dtype: a float32 log Z is rounded before it enters s.
     lz = static_cast<double>(static_cast<T>(lz));
 
-    double b = baseline_mode == 2 ? baseline_value : 0.0;
-    if (baseline_mode == 0) {  // self-normalised estimate of E_pi[f'(t)]
-        double acc[1] = {0.0};
+    double b = baseline_mode == 2 ? baseline_value : 0.0, pair = 0.0;
+    int64_t istar = -1;
+    if (baseline_mode == 0 && n > 0) {  // self-normalised estimate of E_pi[f'(t)]
+        // The sample of the largest weight (the first): its coefficient is wn* sum_j w_j (f'* - f'_j)
+        // (fdpg.reference.fdpg_coefficients): f'* - B cancels to rounding noise where it holds nearly all the weight.
+        if (threadIdx.x == 0) first_max = ~0ull;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+            if (ld(lpi, i) - ld(lq, i) == max_w) {
+                atomicMin(&first_max, static_cast<unsigned long long>(i));
+                break;
+            }
+        __syncthreads();
+        istar = static_cast<int64_t>(first_max);
+        const double s_star = ld(lpi, istar) - ld(lP, istar) + lz, r_star = rest_value(d, s_star);
+        double acc[2] = {0.0, 0.0};
         for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-            const double a = ld(lpi, i);
-            acc[0] += weighted_f_prime(d, a - ld(lP, i) + lz, a - ld(lq, i) - lse_w);
+            const double a = ld(lpi, i), lw = a - ld(lq, i), s_i = a - ld(lP, i) + lz;
+            acc[0] += weighted_f_prime(d, s_i, lw - lse_w, 0.0);
+            if (i != istar) acc[1] += weighted_f_prime(d, s_star, lw, r_star) - weighted_f_prime(d, s_i, lw, r_star);
         }
-        block_sum<1>(acc, smem);
+        block_sum<2>(acc, smem);
         b = acc[0];
+        pair = acc[1];
     }
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const double a = ld(lpi, i), lw = a - ld(lq, i);
-        coef[i] = static_cast<T>(weighted_f_prime(d, a - ld(lP, i) + lz, lw) - exp(lw) * b);
+        coef[i] = static_cast<T>(i == istar ? exp(lw - lse_w) * pair : weighted_f_prime(d, a - ld(lP, i) + lz, lw, b));
         weights[i] = static_cast<T>(exp(lw - lse_w));
     }
     if (threadIdx.x == 0) {
@@ -172,8 +198,8 @@ __global__ void __launch_bounds__(kThreads)
 estimates_kernel(const T* __restrict__ lpi, const T* __restrict__ lq, const T* __restrict__ lP,
                  const T* __restrict__ la, const T* __restrict__ log_z_in, int64_t n, T* __restrict__ out) {
     __shared__ double smem[32 * 5 * 2];
-    double lz, lse_w, ess;
-    pass_log_z_and_weights(lpi, lq, lP, log_z_in, n, smem, lz, lse_w, ess);
+    double lz, lse_w, ess, max_w;
+    pass_log_z_and_weights(lpi, lq, lP, log_z_in, n, smem, lz, lse_w, ess, max_w);
     lz = static_cast<double>(static_cast<T>(lz));
 
     // kl_p_pi, kl_pi_p, tv, js, kl_pi_a: sums of per-sample terms (reference.divergence_estimates)

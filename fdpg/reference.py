@@ -118,51 +118,62 @@ def _chunk_rows(V: int, budget: int = 1 << 24) -> int:
 
 
 def _chunk_logits(h, weight, bias, temperature):
-    z = h.to(_acc(h.dtype)) @ weight.to(_acc(weight.dtype)).t()
+    acc = _acc(torch.promote_types(h.dtype, weight.dtype))
+    z = h.to(acc) @ weight.to(acc).t()
     if bias is not None:
         z = z + bias.to(z.dtype)
     return z / temperature
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
-    """``log_softmax((h @ W^T + b) / tau)[y]`` chunk by chunk; backward recomputes each chunk's logits.
+    """``(lp, lse, max)`` of ``x = (h @ W^T + b) / tau``: ``log_softmax(x)[y]``, ``logsumexp(x)``, ``max(x)``, chunk
+    by chunk; backward recomputes each chunk's logits.
 
     Forward holds one chunk of logits at a time (never all N x V); saves only the inputs and the per-row
-    logsumexp. hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` -> ``[N]`` float32
-    (float64 for float64 inputs).
+    logsumexp. hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` -> three ``[N]``, float32
+    (float64 for float64 inputs); ``max`` carries no gradient. Once differentiable (backward is not itself
+    differentiable: it raises under ``create_graph``).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk):
         N = hidden.shape[0]
         out_dtype = _acc(torch.promote_types(hidden.dtype, weight.dtype))
-        lp = torch.empty(N, dtype=out_dtype, device=hidden.device)
-        lse = torch.empty(N, dtype=out_dtype, device=hidden.device)
+        lp, lse, mx = (torch.empty(N, dtype=out_dtype, device=hidden.device) for _ in range(3))
         for i in range(0, N, chunk):
             z = _chunk_logits(hidden[i:i + chunk], weight, bias, temperature)
             lse[i:i + chunk] = torch.logsumexp(z, -1)
+            mx[i:i + chunk] = z.amax(-1)
             lp[i:i + chunk] = z.gather(-1, targets[i:i + chunk].long().unsqueeze(-1)).squeeze(-1) - lse[i:i + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return lp
+        ctx.mark_non_differentiable(mx)
+        ctx.set_materialize_grads(False)
+        return lp, lse, mx
 
     @staticmethod
-    def backward(ctx, grad_lp):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lp, grad_lse, _grad_max):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         tau, chunk = ctx.temperature, ctx.chunk
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_lp is None and grad_lse is None:
+            return None, None, None, None, None, None
         acc = lse.dtype
         w32 = weight.to(acc)
         gh = torch.empty_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        g_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp.to(acc)
+        # d lp / d z = (onehot(y) - softmax(z)) / tau, d lse / d z = softmax(z) / tau:
+        # d z = (g_lp onehot(y) - (g_lp - g_lse) softmax(z)) / tau
+        g_p = g_lp if grad_lse is None else g_lp - grad_lse.to(acc)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(acc)
             z = _chunk_logits(h, w32, bias, tau)
-            # d lp / d z = (onehot(y) - softmax(z/tau)) / tau, times the upstream gradient
-            g = -torch.exp(z - lse[i:i + chunk, None])
-            g.scatter_add_(-1, targets[i:i + chunk].long().unsqueeze(-1), torch.ones_like(g[:, :1]))
-            g *= (grad_lp[i:i + chunk].to(acc) / tau)[:, None]
+            g = torch.exp(z - lse[i:i + chunk, None]) * (-g_p[i:i + chunk, None])
+            g.scatter_add_(-1, targets[i:i + chunk].long().unsqueeze(-1), g_lp[i:i + chunk, None])
+            g /= tau
             if gh is not None:
                 gh[i:i + chunk] = (g @ w32).to(gh.dtype)
             if gw is not None:
@@ -173,13 +184,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 gb.to(bias.dtype) if gb is not None else None, None, None, None)
 
 
-def linear_token_logprobs(hidden, weight, targets, bias=None, temperature: float = 1.0, chunk: int | None = None):
-    """Per-token log-probs through the output layer: hidden ``[..., d]``, weight ``[V, d]`` -> ``[...]``."""
+def linear_token_stats(hidden, weight, targets, bias=None, temperature: float = 1.0, chunk: int | None = None):
+    """``(lp, lse, max)`` through the output layer: hidden ``[..., d]``, weight ``[V, d]`` -> three ``[...]``."""
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk or _chunk_rows(weight.shape[0])
-    lp = LinearTokenLogprobs.apply(h, weight, bias, targets.reshape(-1), float(temperature), int(chunk))
-    return lp.reshape(lead)
+    out = LinearTokenLogprobs.apply(h, weight, bias, targets.reshape(-1), float(temperature), int(chunk))
+    return tuple(t.reshape(lead) for t in out)
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature: float = 1.0, chunk: int | None = None):
+    """Per-token log-probs through the output layer: hidden ``[..., d]``, weight ``[V, d]`` -> ``[...]``."""
+    return linear_token_stats(hidden, weight, targets, bias, temperature, chunk)[0]
 
 
 def paired_linear_token_logprobs(policy_hidden, policy_weight, prior_hidden, prior_weight, targets, policy_bias=None,
@@ -222,7 +238,14 @@ def fdpg_coefficients(policy_logprob, proposal_logprob, target_logscore, diverge
         b = torch.zeros((), dtype=lpi.dtype, device=lpi.device)
     else:
         b = torch.as_tensor(float(baseline), dtype=lpi.dtype, device=lpi.device)
-    coef = div.weighted_f_prime(s, log_w) - torch.exp(log_w) * b
+    coef = div.weighted_f_prime(s, log_w, b)   # (pi/q)(f' - B), the baseline taken before the weight
+    if baseline == "batch" and s.shape[-1] > 0:
+        # The sample of the largest weight, as coef_i = wn_i sum_{j != i} (pi_j/q_j)(f'_i - f'_j) (the same value:
+        # f'_i - B = sum_j wn_j (f'_i - f'_j)): where it holds all but ~eps of the weight, f'_i - B cancels to
+        # rounding noise that pi_i/q_i (up to e^700) would blow up.
+        i = torch.argmax(log_w, -1, keepdim=True)
+        gap = div.weighted_f_prime_gap(s.gather(-1, i), s, log_w).scatter(-1, i, 0.0)
+        coef = coef.scatter(-1, i, torch.exp(log_wn.gather(-1, i)) * gap.sum(-1, keepdim=True))
     return coef, lz, weights, ess, b
 
 

@@ -49,24 +49,39 @@ def _softplus(x):
 
 
 @triton.jit
-def _weighted_fprime(s, lw, CE, AE, K0, K1, K2, K3,
-                     HAS_EXP: tl.constexpr, HAS_REST: tl.constexpr, HAS_LIN: tl.constexpr,
-                     HAS_SIGN: tl.constexpr, HAS_SP: tl.constexpr):
-    """``exp(lw) f'(s)``; 0 where ``lw = -inf`` (a sample of zero weight), even where ``f'(s)`` is infinite."""
-    NEG_INF: tl.constexpr = float("-inf")
-    out = tl.zeros_like(s)
-    if HAS_EXP:
-        out += CE * tl.exp(tl.where(lw == NEG_INF, NEG_INF, AE * s + lw))
+def _rest(s, K0, K1, K2, K3, HAS_REST: tl.constexpr, HAS_LIN: tl.constexpr, HAS_SIGN: tl.constexpr,
+          HAS_SP: tl.constexpr):
+    """The part of ``f'(s)`` that is not an exponential of ``s``: ``K0 + K1 s + K2 sign(s) + K3 softplus(-s)``."""
+    rest = tl.zeros_like(s)
     if HAS_REST:
-        rest = tl.zeros_like(s) + K0
+        rest += K0
         if HAS_LIN:
             rest += K1 * s
         if HAS_SIGN:
             rest += K2 * tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
         if HAS_SP:
             rest += K3 * _softplus(-s)
-        w = tl.exp(lw)
-        out += tl.where(w == 0, 0.0, w * rest)
+    return rest
+
+
+@triton.jit
+def _weighted_fprime(s, lw, shift, CE, AE, K0, K1, K2, K3,
+                     HAS_EXP: tl.constexpr, HAS_REST: tl.constexpr, HAS_LIN: tl.constexpr,
+                     HAS_SIGN: tl.constexpr, HAS_SP: tl.constexpr):
+    """``exp(lw) (f'(s) - shift)``; 0 where ``lw = -inf`` (a sample of zero weight), even where ``f'(s)`` is
+    infinite. The shift (the baseline) is taken from ``f'``'s non-exponential part before the weight multiplies
+    it, as ``sign(r) exp(lw + log|r|)`` where ``exp(lw) r`` would overflow or underflow on the way."""
+    NEG_INF: tl.constexpr = float("-inf")
+    INF: tl.constexpr = float("inf")
+    out = tl.zeros_like(s)
+    if HAS_EXP:
+        out += CE * tl.exp(tl.where(lw == NEG_INF, NEG_INF, AE * s + lw))
+    rest = _rest(s, K0, K1, K2, K3, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP) - shift
+    w = tl.exp(lw)
+    direct = w * rest
+    far = tl.where(rest > 0, 1.0, -1.0) * tl.exp(lw + tl.log(tl.abs(rest)))
+    r = tl.where((tl.abs(direct) < INF) & (w > 0) & (w < INF), direct, far)
+    out += tl.where((rest == 0) | (lw == NEG_INF), 0.0, r)
     return out
 
 
@@ -100,6 +115,7 @@ def _seq_kernel(
     mw = tl.full([BLOCK], NEG_INF, tl.float32)
     sw = tl.zeros([BLOCK], tl.float32)
     sw2 = tl.zeros([BLOCK], tl.float32)
+    iw = tl.zeros([BLOCK], tl.int32)   # per lane: the first index of its largest log-weight
     for i0 in range(0, N, BLOCK):
         offs = i0 + offs0
         ok = offs < N
@@ -119,6 +135,7 @@ def _seq_kernel(
         e = tl.exp(lw - mu)
         sw = sw * a + e
         sw2 = sw2 * a * a + e * e
+        iw = tl.where(lw > mw, offs, iw)
         mw = mn
     if HAS_LZ:
         lz = tl.load(lz_ptr).to(tl.float32)
@@ -133,6 +150,14 @@ def _seq_kernel(
 
     # ---- pass 2: batch baseline and the estimates ------------------------------------------------------------
     b = b_value  # the host passes 0 unless BASELINE == 2
+    if DO_COEF and BASELINE == 1:
+        # the sample of the largest weight (the first): its coefficient is computed as wn* sum_j w_j (f'* - f'_j)
+        # (fdpg.reference.fdpg_coefficients): f'* - B cancels to rounding noise where it holds nearly all the weight
+        istar = tl.min(tl.where(mw == Mw, iw, N), 0)
+        s_star = (tl.load(lpi_ptr + istar).to(tl.float32) - tl.load(lP_ptr + istar).to(tl.float32) + lz
+                  + tl.zeros([BLOCK], tl.float32))
+        r_star = _rest(s_star, K0, K1, K2, K3, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP)
+        pacc = tl.zeros([BLOCK], tl.float32)
     if (DO_COEF and BASELINE == 1) or DO_EST:
         bacc = tl.zeros([BLOCK], tl.float32)
         k1 = tl.zeros([BLOCK], tl.float32)
@@ -149,8 +174,14 @@ def _seq_kernel(
             if DO_COEF and BASELINE == 1:
                 s = lpi - lP + lz
                 lwn = tl.where(ok, lpi - lq - lse_w, NEG_INF)
-                bacc += tl.where(ok, _weighted_fprime(s, lwn, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
+                bacc += tl.where(ok, _weighted_fprime(s, lwn, 0.0, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
                                                       HAS_SIGN, HAS_SP), 0.0)
+                lw = tl.where(ok, lpi - lq, NEG_INF)
+                gap = (_weighted_fprime(s_star, lw, r_star, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
+                                        HAS_SIGN, HAS_SP)
+                       - _weighted_fprime(s, lw, r_star, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
+                                          HAS_SIGN, HAS_SP))
+                pacc += tl.where(ok & (offs != istar), gap, 0.0)
             if DO_EST:
                 lp = lP - lz
                 wpi = tl.exp(lpi - lq)
@@ -168,6 +199,7 @@ def _seq_kernel(
                     k5 += tl.where(ok & (wpi > 0), wpi * (lpi - la), 0.0)
         if DO_COEF and BASELINE == 1:
             b = tl.sum(bacc, 0)
+            pair = tl.sum(pacc, 0)
         if DO_EST:
             tl.store(scal_ptr + 3, tl.sum(k1, 0) / N)
             tl.store(scal_ptr + 4, tl.sum(k2, 0) / N)
@@ -189,9 +221,10 @@ def _seq_kernel(
             lP = tl.load(lP_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             s = lpi - lP + lz
             lw = lpi - lq
-            wfp = _weighted_fprime(s, lw, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP)
-            w = tl.exp(lw)
-            tl.store(coef_ptr + offs, wfp - w * b, mask=ok)
+            coef = _weighted_fprime(s, lw, b, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP)
+            if BASELINE == 1:
+                coef = tl.where(offs == istar, tl.exp(lw - lse_w) * pair, coef)
+            tl.store(coef_ptr + offs, coef, mask=ok)
             tl.store(w_ptr + offs, tl.exp(lw - lse_w), mask=ok)
 
 

@@ -96,6 +96,80 @@ def test_float32_extreme_sequence_logprobs_stay_finite(div, gen):
     torch.testing.assert_close(out.coef.double(), ref.coef, rtol=2e-3, atol=2e-3)
 
 
+def pairwise_coefficients(lpi, lq, lP, div):
+    """Batch-baseline coefficients as ``sum_j wn_j (pi_i/q_i) (f'_i - f'_j)``, pair by pair in float64: no
+    cancellation between ``f'_i`` and the baseline however the weights are spread."""
+    d = divergences.get(div)
+    lw = lpi - lq
+    s = lpi - lP + torch.logsumexp(lP - lq, 0) - math.log(lq.shape[0])
+    fp = d.fprime(s)
+    pair = torch.exp(lw[:, None] + lw[None, :] - torch.logsumexp(lw, 0)) * (fp[:, None] - fp[None, :])
+    return pair.sum(1)
+
+
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("gap", [10.0, 40.0, 100.0, 300.0])
+def test_a_sample_holding_nearly_all_the_weight(div, gap, gen):
+    """One sample with pi/q = e^gap over the others (an off-policy batch of long sequences): past ~e^16 (float32)
+    or e^36 (float64) its coefficient (pi/q)(f' - B) is a difference that rounding turns into noise times pi/q; it
+    must come out as the pairwise value, in float64 and (where float32 holds pi/q) in float32 inputs."""
+    n = 24
+    lq = -60 - torch.rand(n, generator=gen, dtype=torch.float64) * 10
+    lpi = lq + torch.randn(n, generator=gen, dtype=torch.float64)
+    lP = lq + torch.randn(n, generator=gen, dtype=torch.float64)
+    lpi[7] = lq[7] + gap
+    want = pairwise_coefficients(lpi, lq, lP, div)
+    assume = torch.isfinite(want).all()
+    got = fdpg.fdpg_coefficients(lpi, lq, lP, div).coef
+    if assume:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    if gap <= 80.0 and float(want.abs().max()) < 1e30:
+        got32 = fdpg.fdpg_coefficients(lpi.float(), lq.float(), lP.float(), div).coef
+        torch.testing.assert_close(got32.double(), want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
+
+
+def test_user_divergences_edge_cases(gen):
+    """A user divergence (f' by autograd) gives the built-in's coefficients with a sample of pi(x) = 0; its
+    boundedness at t -> inf is found from f' where autograd cannot reach s = inf; names of built-ins (any case,
+    aliases) are refused."""
+    inf = math.inf
+    lpi, lq, lP = torch.tensor([-inf, -1.0, -2.0, -1.5]), torch.tensor([-1.0, -1.0, -2.0, -1.2]), \
+        torch.tensor([-1.2, -0.8, -2.5, -1.0])
+    mine = divergences.register("test_chi2_copy", f=divergences.get("chi2").f)
+    for baseline in ("batch", "none", 0.5):
+        want = fdpg.fdpg_coefficients(lpi, lq, lP, "chi2", baseline=baseline).coef
+        got = fdpg.fdpg_coefficients(lpi, lq, lP, mine, baseline=baseline).coef
+        assert torch.isfinite(got).all() and got[0] == 0
+        torch.testing.assert_close(got, want)
+    hel = divergences.register("test_hellinger_copy", f=divergences.get("hellinger").f)
+    assert hel.is_bounded_at_inf() and not mine.is_bounded_at_inf()
+    torch.testing.assert_close(hel.fprime(torch.tensor([50.0, inf], dtype=torch.float64)),
+                               torch.tensor([1.0, 1.0], dtype=torch.float64))
+    lP0 = lP.clone()
+    lP0[2] = -inf                                   # P(x) = 0 under a bounded user divergence: f'(inf) = 1
+    torch.testing.assert_close(fdpg.fdpg_coefficients(lpi, lq, lP0, hel).coef,
+                               fdpg.fdpg_coefficients(lpi, lq, lP0, "hellinger").coef)
+    declared = divergences.register("test_declared", f=lambda s: -s, bounded_at_inf=False)
+    assert not declared.is_bounded_at_inf()
+    for name in ("kl", "Forward_KL", " JSD", "pearson", "alpha:3"):
+        with pytest.raises(ValueError, match="names no built-in divergence or alias"):
+            divergences.register(name, f=lambda s: s * s)
+
+
+def test_a_given_log_z_allows_a_batch_without_p_mass(gen):
+    """With log Z given (a running estimate), a batch in which no sample has P > 0 is well defined."""
+    lpi = -5 * torch.rand(6, generator=gen)
+    lP = torch.full((6,), -math.inf)
+    out = fdpg.fdpg_coefficients(lpi, lpi, lP, "forward_kl", log_z=-3.0)
+    assert torch.equal(out.coef, torch.zeros(6))
+    est = fdpg.divergence_estimates(lpi, lpi, lP, log_z=-3.0)
+    assert est["kl_pi_p"] == math.inf and est["tv"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"log Z cannot be estimated from this batch \(pass log_z\)"):
+        fdpg.fdpg_coefficients(lpi, lpi, lP, "forward_kl")
+    with pytest.raises(TypeError, match="log_z: expected a number or a scalar tensor, got str"):
+        fdpg.fdpg_coefficients(lpi, lpi, lpi, "forward_kl", log_z="1")
+
+
 def test_estimates_are_exact_over_the_whole_space(gen):
     theta, log_P = space(gen, zeros=5)
     n = theta.shape[0]

@@ -92,6 +92,14 @@ def test_limits_at_infinity():
     assert divergences.get("alpha:0.5").fprime(inf).item() == pytest.approx(2.0)
     assert divergences.get("js").f(-inf).item() == pytest.approx(0.5 * math.log(2))
     assert divergences.get("reverse_kl").f(-inf).item() == 0.0
+    # f's limits where they are infinite (t log 2 - log t / 2 + ... for JS; t^a or t for alpha)
+    both = torch.tensor([-math.inf, math.inf], dtype=torch.float64)
+    for name, at0 in (("js", 0.5 * math.log(2)), ("alpha:0.5", 2.0), ("alpha:2", 0.5), ("alpha:3", 1 / 3),
+                      ("alpha:-0.5", math.inf), ("alpha:-2", math.inf)):
+        v = divergences.get(name).f(both)
+        assert v[0].item() == pytest.approx(at0) and v[1].item() == math.inf, name
+    assert divergences.get("alpha:3").f(torch.tensor([30.0])).item() == pytest.approx(
+        (math.exp(90) - 3 * math.exp(30) + 2) / 6, rel=1e-5)   # representable in float32: no overflow on the way
     for name in ("forward_kl", "tv", "js", "hellinger", "alpha:0.5", "alpha:-2"):
         assert divergences.get(name).is_bounded_at_inf()
     for name in ("reverse_kl", "chi2", "alpha:2", "alpha:1.01"):

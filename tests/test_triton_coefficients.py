@@ -59,6 +59,25 @@ def test_coefficients_match_float64(div, gen):
             assert out.coef[5] == 0 and out.weights[5] == 0
 
 
+@pytest.mark.parametrize("div", DIVS)
+def test_a_sample_holding_nearly_all_the_weight(div, gen):
+    """pi/q = e^gap for one sample (in the second block) over the others: float32 coefficients still at float32
+    precision (the pairwise form for that sample), against the pairwise float64 value."""
+    from test_coefficients import pairwise_coefficients
+
+    lpi, lq, lP = batch(gen, zeros=False)
+    for gap in (10.0, 40.0, 80.0):
+        lpi[77] = lq[77] + gap
+        want = pairwise_coefficients(lpi.double(), lq.double(), lP.double(), div)
+        if float(want.abs().max()) > 1e30:
+            continue
+        for baseline in ("batch", "none"):
+            out = fdpg.fdpg_coefficients(lpi, lq, lP, div, baseline=baseline, backend="triton")
+            ref = want if baseline == "batch" else reference.fdpg_coefficients(
+                lpi.double(), lq.double(), lP.double(), div, None, "none")[0]
+            close(out.coef, ref, f"{div} gap={gap} baseline={baseline}", rtol=1e-5)
+
+
 def test_half_inputs_many_blocks_and_single(gen, monkeypatch):
     monkeypatch.setattr(K, "FORCE_BLOCK", None)  # the heuristic: blocks of 2048 over 70 000 sequences
     lpi, lq, lP = batch(gen, n=70_000)

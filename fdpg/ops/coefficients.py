@@ -141,7 +141,8 @@ def _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_lo
     C.same_device(**named)
 
 
-def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None) -> None:
+def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob=None, *,
+                  log_z_given: bool = False) -> None:
     for k, v in (("policy_logprob", policy_logprob), ("proposal_logprob", proposal_logprob),
                  ("prior_logprob", prior_logprob), ("target_logscore", target_logscore)):
         if v is None:
@@ -154,9 +155,9 @@ def _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logpr
                          "pi/q cannot be normalised; expected at least one finite log-probability")
     if bool((proposal_logprob == -math.inf).any()):
         raise ValueError("proposal_logprob: contains -inf, i.e. q(x) = 0 for a sample said to be drawn from q")
-    if bool((target_logscore == -math.inf).all()):
+    if not log_z_given and bool((target_logscore == -math.inf).all()):
         raise ValueError("target_logscore: every sample has P(x) = 0 (log P = -inf), so log Z cannot be estimated "
-                         "from this batch; the constraint may be unsatisfiable by the proposal")
+                         "from this batch (pass log_z); the constraint may be unsatisfiable by the proposal")
 
 
 def _resolve_log_z(log_z, like: torch.Tensor, check: bool):
@@ -164,6 +165,8 @@ def _resolve_log_z(log_z, like: torch.Tensor, check: bool):
     ``check`` (validating: a host sync)."""
     if log_z is None:
         return None
+    if isinstance(log_z, bool) or not isinstance(log_z, (int, float, torch.Tensor)):
+        raise TypeError(f"log_z: expected a number or a scalar tensor, got {type(log_z).__name__}")
     if isinstance(log_z, (int, float)) and not math.isfinite(log_z):
         raise ValueError(f"log_z: expected a finite number, got {log_z}")
     lz = torch.as_tensor(log_z, dtype=like.dtype, device=like.device).detach()
@@ -182,6 +185,10 @@ def _resolve_baseline(baseline):
     if not math.isfinite(baseline):
         raise ValueError(f"baseline: expected a finite number, got {baseline!r}")
     return float(baseline)
+
+
+def _float64(*ts):
+    return [None if t is None else t.to(torch.float64) for t in ts]
 
 
 def _float(*ts):
@@ -212,7 +219,7 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
     base = _resolve_baseline(baseline)
     check = C.should_validate(validate, policy_logprob)
     if check:
-        _check_values(policy_logprob, proposal_logprob, target_logscore)
+        _check_values(policy_logprob, proposal_logprob, target_logscore, log_z_given=log_z is not None)
         if not div.is_bounded_at_inf() and bool((target_logscore == -math.inf).any()):
             raise ValueError(f"target_logscore: contains -inf (a sample with P(x) = 0), where f'(t) of the unbounded "
                              f"divergence {div.name!r} is infinite; floor log b(x) at a finite value (e.g. "
@@ -232,9 +239,14 @@ def fdpg_coefficients(policy_logprob: torch.Tensor, proposal_logprob: torch.Tens
         coef, weights, scal = torch.ops.fdpg.seq_coefficients(lpi, lq, lP, _resolve_log_z(log_z, lpi, check),
                                                               list(divergence_spec(div)), mode, value)
         return FDPGCoefficients(coef=coef, log_z=scal[0], weights=weights, ess=scal[1], baseline=scal[2])
+    # the torch backend computes in float64 (a few [N] vectors): a batch whose importance weights span more than
+    # float32's exponent range (pi/q > e^88: one sample dominating) keeps every coefficient to float32 precision
+    # (log Z rounded to the inputs' dtype before it enters s, as the CUDA kernel does)
     lz = _resolve_log_z(log_z, lpi, check)
-    coef, lz, weights, ess, b = reference.fdpg_coefficients(lpi, lq, lP, div, lz, base)
-    return FDPGCoefficients(coef=coef, log_z=lz, weights=weights, ess=ess, baseline=b)
+    lpi64, lq64, lP64 = _float64(lpi, lq, lP)
+    lz = reference.log_z(lq64, lP64).to(lpi.dtype) if lz is None else lz
+    out = reference.fdpg_coefficients(lpi64, lq64, lP64, div, lz.to(torch.float64), base)
+    return FDPGCoefficients(*(t.to(lpi.dtype) for t in out))
 
 
 def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.Tensor,
@@ -249,7 +261,8 @@ def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.T
     _check_sequences(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     check = C.should_validate(validate, policy_logprob)
     if check:
-        _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
+        _check_values(policy_logprob, proposal_logprob, target_logscore, prior_logprob,
+                      log_z_given=log_z is not None)
     lpi, lq, lP, la = _float(policy_logprob, proposal_logprob, target_logscore, prior_logprob)
     be = _resolve(backend, lpi)
     if be == "cuda":
@@ -263,4 +276,5 @@ def divergence_estimates(policy_logprob: torch.Tensor, proposal_logprob: torch.T
             out["kl_pi_a"] = v[4]
         out.update(ess=v[5], log_z=v[6])
         return out
-    return reference.divergence_estimates(lpi, lq, lP, la, _resolve_log_z(log_z, lpi, check))
+    out = reference.divergence_estimates(*_float64(lpi, lq, lP, la, _resolve_log_z(log_z, lpi, check)))
+    return {k: v.to(lpi.dtype) for k, v in out.items()}
