@@ -186,7 +186,8 @@ def _fwd_kernel(H, W, B, Y, LP, LSE, MX, PM, PS, PZ,
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # finite while the row is all -inf so far (a bias)
+        s = s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
     if SPLIT:
@@ -226,7 +227,8 @@ def _chunk_fwd_kernel(Z, B, Y, M, S, ZT, N, cv, v0, stride_zn, inv_tau,
             z += tl.load(B + v0 + lcols, mask=ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(ok[None, :], z * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # finite while the row is all -inf so far (a bias)
+        s = s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
         m = m_new
         zt += tl.sum(tl.where((lcols[None, :] == y[:, None]) & ok[None, :], z, 0.0), 1)   # (a later chunk's y)
     tl.store(M + rows, m, mask=row_ok)
@@ -274,7 +276,8 @@ def _fwd_chunked(hidden, weight, bias, targets, temperature, cfg, lp, lse, m):
 def _combine(pm: torch.Tensor, ps: torch.Tensor, pz: torch.Tensor):
     """Merge per-split partials ``[S, N]`` into ``(lp, lse, max)``; every split holds >= 1 real column."""
     mx = pm.amax(0)
-    lse = mx + torch.log((ps * torch.exp(pm - mx)).sum(0))
+    mu = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)   # (a split may be all -inf: a bias)
+    lse = mx + torch.log((ps * torch.exp(pm - mu)).sum(0))
     return pz.sum(0) - lse, lse, mx
 
 

@@ -84,5 +84,14 @@ def test_bad_inputs(gen):
         fdpg.paired_linear_token_logprobs(h, w, h, torch.randn(98, 16), y)
     with pytest.raises(ValueError, match="prior_weight: hidden size"):
         fdpg.paired_linear_token_logprobs(h, w, h, torch.randn(97, 8), y)
-    with pytest.raises(ValueError, match="hidden/weight: contains NaN"):
+    with pytest.raises(ValueError, match="hidden/weight/bias .*holds NaN or \\+inf"):
         fdpg.linear_token_logprobs(h.detach().clone().fill_(math.nan), w, y)
+    bias = torch.zeros(97)
+    bias[5] = math.inf   # +inf logits: every log-prob -inf or NaN, caught by the logsumexp check
+    with pytest.raises(ValueError, match="hidden/weight/bias .*holds NaN or \\+inf"):
+        fdpg.linear_token_logprobs(h, w, y, bias=bias, backend="torch")
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match="chunk_size: expected None or a positive int"):
+            fdpg.linear_token_logprobs(h, w, y, chunk_size=bad)
+    with pytest.raises(ValueError, match="hidden: expected a hidden size d >= 1"):
+        fdpg.linear_token_logprobs(torch.randn(3, 0), torch.randn(97, 0), y[:3])

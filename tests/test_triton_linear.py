@@ -211,6 +211,40 @@ def test_torch_backend_lse_and_max(gen):
         close(got, want, 2e-6, name)
 
 
+@pytest.mark.parametrize("backend,cfg", [("triton", dict(BLOCK_V=16, splits=3)), ("triton", dict(impl="chunked", cols=16)),
+                                         ("torch", {})])
+def test_banned_tokens_fill_whole_tiles_and_the_target(backend, cfg, gen, monkeypatch):
+    """A bias of -inf (banned tokens) over whole vocabulary tiles, a whole split, and at some targets: finite lse,
+    lp = -inf exactly at the banned targets, finite gradients, against float64."""
+    monkeypatch.setattr(K, "CONFIG_OVERRIDE", cfg)
+    h, w, b, y = make(gen, 6, 100, 8, torch.float32, True)
+    b[:40] = -math.inf                      # the first split (tiles of 16, 3 splits of 2-3 tiles)
+    b[70:90] = -math.inf
+    allowed = torch.cat([torch.arange(40, 70), torch.arange(90, 100)])
+    y = torch.cat([torch.tensor([5, 75]), allowed[torch.randint(0, 40, (4,), generator=gen)]])   # 2 banned
+    h.requires_grad_(True)
+    out = L.linear_token_logprobs(h, w, y, bias=b, temperature=0.8, backend=backend, return_lse=True)
+    lp, lse, mx, _ = ref64(h.detach(), w, b, y, 0.8)
+    assert torch.equal(out.lp[:2], torch.full((2,), -math.inf)) and torch.isfinite(out.lp[2:]).all()
+    for got, want, name in ((out.lp[2:], lp[2:], "lp"), (out.lse, lse, "lse"), (out.max, mx, "max")):
+        close(got, want, 2e-6, name)
+    (gh,) = torch.autograd.grad(out.lp[2:].sum() + out.lse.sum(), h)
+    leaf = h.detach().double().requires_grad_(True)
+    lp64, lse64, _, _ = ref64(leaf, w, b, y, 0.8)
+    (want,) = torch.autograd.grad(lp64[2:].sum() + lse64.sum(), leaf)
+    close(gh, want, 1e-5, "grad_hidden")
+
+
+def test_torch_backend_mixed_float64_and_once_differentiable(gen):
+    h, w, b, y = make(gen, 5, 37, 8, torch.float64, True)
+    lp = L.linear_token_logprobs(h, w.float(), y, bias=b, backend="torch")     # float64 with float32: in float64
+    assert lp.dtype == torch.float64
+    close(lp, ref64(h, w.float(), b, y, 1.0)[0], 1e-12, "lp")
+    x = h.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(L.linear_token_logprobs(x, w, y, backend="torch").sum(), x, create_graph=True)
+    assert not g.requires_grad   # no silently wrong second derivative: backward is once differentiable
+
+
 def test_unknown_implementation(gen, monkeypatch):
     h, w, b, y = make(gen, 4, 37, 8, torch.float32, False)
     monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(impl="cublas"))
@@ -223,7 +257,7 @@ def test_bad_inputs(gen, monkeypatch):
     h, w, b, y = make(gen, 4, 37, 8, torch.float32, True)
     with pytest.raises(ValueError, match=r"filter_eps: expected a float in \(0, 1\)"):
         L.linear_token_logprobs(h, w, y, backend="triton", fast=True, filter_eps=1.5)
-    with pytest.raises(ValueError, match="hidden/weight: contains NaN"):
+    with pytest.raises(ValueError, match=r"hidden/weight/bias .*holds NaN or \+inf"):
         L.linear_token_logprobs(h.clone().fill_(math.nan), w, y, backend="triton", validate=True)
     with pytest.raises(ValueError, match=r"targets: token ids must lie in \[0, 37\)"):
         L.linear_token_logprobs(h, w, torch.full_like(y, 37), backend="triton", validate=True)

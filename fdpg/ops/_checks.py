@@ -2,7 +2,9 @@
 
 Shape, dtype and device checks are free (metadata only) and always run. Value checks (token ids in range,
 NaN/inf) need a host synchronisation: they run when ``validate=True``, by default for tensors that are not on a
-GPU, and never while ``torch.compile`` traces. ``FDPG_VALIDATE=1`` / ``=0`` forces them on / off everywhere.
+GPU, and never while ``torch.compile`` traces. ``FDPG_VALIDATE=1`` / ``=0`` forces them on / off everywhere, over
+an explicit ``validate`` too (the trainer passes ``validate=False`` on its hot path: ``FDPG_VALIDATE=1`` finds
+the first non-finite input of a diverging run).
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def should_validate(validate: bool | None, t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
-    if validate is not None:
-        return bool(validate)
     env = os.environ.get("FDPG_VALIDATE")
     if env in ("0", "1"):
         return env == "1"
+    if validate is not None:
+        return bool(validate)
     return t.device.type not in ("cuda", "meta")
 
 
@@ -94,7 +96,8 @@ def finite_lse(name: str, lse: torch.Tensor) -> None:
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: every row must be finite with at least one entry > -inf; the row at index {idx} "
-                         f"holds NaN or +inf (or only -inf), logsumexp = {float(lse[idx])}")
+                         f"holds NaN or +inf (or only -inf), logsumexp = {float(lse[idx])} (with a temperature: "
+                         f"logits / temperature must stay finite in float32)")
 
 
 def no_nan(name: str, t: torch.Tensor, what: str = "") -> None:

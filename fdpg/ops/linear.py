@@ -132,6 +132,8 @@ def _check_layer(prefix: str, hidden, weight, bias, targets) -> int:
         raise ValueError(f"{prefix}hidden: expected shape [..., d], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"{prefix}weight: expected shape [V, d] with V >= 1, got {tuple(weight.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{prefix}hidden: expected a hidden size d >= 1, got shape {tuple(hidden.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{prefix}weight: hidden size {weight.shape[1]} differs from {prefix}hidden's "
                          f"{hidden.shape[-1]}; expected weight of shape [V, {hidden.shape[-1]}]")
@@ -146,6 +148,15 @@ def _check_layer(prefix: str, hidden, weight, bias, targets) -> int:
     C.same_device(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, f"{prefix}bias": bias,
                      "targets": targets})
     return weight.shape[0]
+
+
+def _chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected None or a positive int (rows of logits per chunk), "
+                         f"got {chunk_size!r}")
+    return chunk_size
 
 
 def _filter_eps(fast: bool, filter_eps) -> float:
@@ -178,36 +189,14 @@ def _triton_layer(hidden, weight, bias, targets, tau, eps, grad: bool):
     return lp.reshape(lead), lse.reshape(lead), mx.reshape(lead)
 
 
-def _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, return_lse, grad: bool):
-    """``(lp, lse, max)`` of one output layer on the chosen backend (``lse``/``max`` None under the torch backend
-    unless ``return_lse``); ``grad=False`` is the prior's forward-only pass."""
+def _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, grad: bool):
+    """``(lp, lse, max)`` of one output layer on the chosen backend; ``grad=False`` is the prior's forward-only
+    pass."""
     if _use_triton(backend, hidden.device, hidden, weight, bias):
         return _triton_layer(hidden, weight, bias, targets, tau, eps if grad else 0.0, grad=grad)
     if not grad:
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-    lp = reference.linear_token_logprobs(hidden, weight, targets, bias, tau, chunk_size)
-    lse = mx = None
-    if return_lse:
-        lse, mx = _torch_lse_max(hidden, weight, bias, targets, lp, tau, chunk_size)
-    return lp, lse, mx
-
-
-def _torch_lse_max(hidden, weight, bias, targets, lp, tau, chunk_size):
-    """Torch backend: ``lse = x[y] - lp`` (differentiable, O(N d) memory) and ``max(x)`` by chunks without grad."""
-    acc = lp.dtype
-    d = hidden.shape[-1]
-    h, y = hidden.reshape(-1, d), targets.reshape(-1).long()
-    zy = (h.to(acc) * weight[y].to(acc)).sum(-1)
-    if bias is not None:
-        zy = zy + bias[y].to(acc)
-    lse = (zy / tau).reshape(lp.shape) - lp
-    with torch.no_grad():
-        w = weight.detach().to(acc)
-        rows = chunk_size or max(1, (1 << 24) // weight.shape[0])
-        mx = torch.cat([((h[i:i + rows].detach().to(acc) @ w.t()
-                          + (0 if bias is None else bias.detach().to(acc))) / tau).amax(-1)
-                        for i in range(0, h.shape[0], rows)]) if h.shape[0] else lp.new_empty(0)
-    return lse, mx.reshape(lp.shape)
+    return reference.linear_token_stats(hidden, weight, targets, bias, tau, chunk_size)
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
@@ -236,12 +225,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     V = _check_layer("", hidden, weight, bias, targets)
     tau = C.temperature(temperature)
     eps = _filter_eps(fast, filter_eps)
+    chunk_size = _chunk_size(chunk_size)
     check = C.should_validate(validate, hidden)
     if check:
         C.target_range(targets, V, "weight.shape[0]")
-    lp, lse, mx = _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, return_lse, grad=True)
+    lp, lse, mx = _layer(hidden, weight, bias, targets, tau, eps, backend, chunk_size, grad=True)
     if check:
-        C.no_nan("hidden/weight", lp, " in the logits they produce (NaN or inf among the inputs)")
+        C.finite_lse("hidden/weight/bias (the logits they produce)", lse)
     return LinearLogprobs(lp, lse, mx) if return_lse else lp
 
 
@@ -265,17 +255,18 @@ def paired_linear_token_logprobs(policy_hidden: Tensor, policy_weight: Tensor, p
     C.same_device(policy_hidden=policy_hidden, prior_hidden=prior_hidden)
     tau = C.temperature(temperature)
     eps = _filter_eps(fast, filter_eps)
+    chunk_size = _chunk_size(chunk_size)
     check = C.should_validate(validate, policy_hidden)
     if check:
         C.target_range(targets, V, "weight.shape[0]")
     lp, lse, mx = _layer(policy_hidden, policy_weight, policy_bias, targets, tau, eps, backend, chunk_size,
-                         return_lse, grad=True)
+                         grad=True)
     with torch.no_grad():
         plp, plse, pmx = _layer(prior_hidden, prior_weight, prior_bias, targets, tau, eps, backend, chunk_size,
-                                return_lse, grad=False)
+                                grad=False)
     if check:
-        C.no_nan("policy_hidden/policy_weight", lp, " in the logits they produce")
-        C.no_nan("prior_hidden/prior_weight", plp, " in the logits they produce")
+        C.finite_lse("policy_hidden/policy_weight/policy_bias (the logits they produce)", lse)
+        C.finite_lse("prior_hidden/prior_weight/prior_bias (the logits they produce)", plse)
     if return_lse:
         return PairedLinearLogprobs(lp, plp, lse, plse, mx, pmx)
     return lp, plp
