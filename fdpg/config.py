@@ -338,6 +338,10 @@ def _check_feature(spec: FeatureSpec, key: str, role: str) -> None:
         raise ConfigError(f"{key}.mu_bar", f"only features (target.features) take a target moment, not a {role}")
     if spec.token_id is not None and spec.token_id < 0:
         raise ConfigError(f"{key}.token_id", f"expected a token id >= 0, got {spec.token_id}")
+    for name in ("weight", "mu_bar"):
+        v = getattr(spec, name, None)
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{key}.{name}", f"expected a finite number, got {v}")
     if spec.pattern is not None:
         import re
 
@@ -411,6 +415,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("target.reward.negate", "a reward is numeric; use weight: -1 to flip its sign")
     if not (math.isfinite(t.beta) and t.beta > 0):
         raise ConfigError("target.beta", f"expected a positive number, got {t.beta}")
+    if t.lambdas is not None and not all(math.isfinite(v) for v in t.lambdas):
+        raise ConfigError("target.lambdas", f"expected finite numbers, got {t.lambdas}")
     if t.lambdas is not None and len(t.lambdas) != len(t.features):
         raise ConfigError("target.lambdas", f"expected {len(t.features)} numbers (one per feature), got "
                                             f"{len(t.lambdas)}")

@@ -143,16 +143,18 @@ def unavailable_reason(dec, all_done=None) -> str | None:
     return reason or _library_reason(dec.wdtype)
 
 
-# Llama's Linear weights transposed for the native GEMM, kept while the weight is unchanged (its version counter:
-# the prior's once, the policy's once per optimizer step); the native Llama path takes models whose Linear weights
-# fit in LLAMA_MAX_BYTES (the copies double them)
+# Llama's Linear weights transposed for the native GEMM, kept while the weight is unchanged: the prior's once, the
+# policy's once per optimizer step. Unchanged means the same storage, version counter and norm: fused optimizers
+# (torch.optim's fused AdamW, the trainer's on the CPU) and writes through ``.data`` update a weight in place without
+# bumping its version counter (fdpg.decode's replay check reads the norms for the same reason). The native Llama path
+# takes models whose Linear weights fit in LLAMA_MAX_BYTES (the copies double them).
 LLAMA_MAX_BYTES = 1 << 30
-_transposed_cache: dict = {}      # id(weight) -> (weakref to it, (version, data_ptr), the copy); gone with it
+_transposed_cache: dict = {}      # id(weight) -> (weakref to it, (data_ptr, version, norm), the copy); gone with it
 
 
-def _transposed(w: torch.Tensor) -> torch.Tensor:
-    """``w.t()`` as a contiguous copy, cached for ``w`` until it changes."""
-    key = (w._version, w.data_ptr())
+def _transposed(w: torch.Tensor, norm: float) -> torch.Tensor:
+    """``w.t()`` as a contiguous copy, cached for ``w`` until it changes (``norm``: its norm now)."""
+    key = (w.data_ptr(), w._version, norm)
     hit = _transposed_cache.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == key:
         return hit[2]
@@ -167,12 +169,16 @@ def _llama_weights(blk) -> list:
     """A Llama block's tensors in cpu_decode.c's LW_ order: norm weights, each Linear's weight transposed
     (``[in, out]``, contiguous: the native GEMM reads its right factor row-major) and its bias or None."""
     n1, qp, kp, vp, op, n2, gp, up, _, dp = blk
+    lins = (qp, kp, vp, op, gp, up, dp)
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm([lin.weight for lin in lins])).tolist()
+    t = [_transposed(lin.weight, nm) for lin, nm in zip(lins, norms)]
     out = [n1.weight]
-    for lin in (qp, kp, vp, op):
-        out += [_transposed(lin.weight), lin.bias]
+    for lin, w in zip(lins[:4], t[:4]):
+        out += [w, lin.bias]
     out.append(n2.weight)
-    for lin in (gp, up, dp):
-        out += [_transposed(lin.weight), lin.bias]
+    for lin, w in zip(lins[4:], t[4:]):
+        out += [w, lin.bias]
     return out
 
 

@@ -24,11 +24,21 @@ __all__ = ["Space", "space_size", "enumerate_space", "space_logprobs", "exact_me
 
 def space_size(vocab_size: int, max_length: int, eos_token_id: int | None) -> int:
     """Number of sequences in the space (Python int, exact)."""
+    _check_space(vocab_size, max_length, eos_token_id)
     V, T = vocab_size, max_length
     if eos_token_id is None:
         return V ** T
     # ends with EOS at length L < T: (V-1)^(L-1); full length T (last token free): (V-1)^(T-1) V
     return sum((V - 1) ** (L - 1) for L in range(1, T)) + (V - 1) ** (T - 1) * V
+
+
+def _check_space(vocab_size, max_length, eos_token_id) -> None:
+    for name, v in (("vocab_size", vocab_size), ("max_length", max_length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < vocab_size):
+        raise ValueError(f"eos_token_id: expected None or a token id in [0, {vocab_size}), got {eos_token_id!r}")
 
 
 @dataclass
@@ -149,6 +159,9 @@ def exact_metrics(log_pi: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor
     lpi, la, lb = log_pi.to(f64), log_a.to(f64), log_b.to(f64)
     lP = la + lb
     log_z = torch.logsumexp(lP, 0)
+    if not bool(torch.isfinite(log_z)):
+        raise ValueError(f"log_a + log_b: the target's mass over the space is {float(log_z.exp())} (log Z = "
+                         f"{float(log_z)}); expected a finite Z > 0 (some sequence with P(x) > 0)")
     lp = lP - log_z
     pi, p = lpi.exp(), lp.exp()
     zero = torch.zeros_like(pi)

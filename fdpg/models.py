@@ -11,6 +11,7 @@ needs the log pi of the sampling pass and of the scoring pass to be the same fun
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,14 @@ def build_tiny(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    for name, v in (("vocab_size", vocab_size), ("n_layer", n_layer), ("n_embd", n_embd),
+                    ("n_positions", n_positions)) + ((("n_head", n_head),) if n_head is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(name, f"expected an int >= 1, got {v!r}")
+    if not (isinstance(initializer_range, (int, float)) and math.isfinite(initializer_range)
+            and initializer_range > 0):
+        raise ConfigError("initializer_range", f"expected a finite number > 0 (the weights' std), "
+                                               f"got {initializer_range!r}")
     if n_head is None:
         n_head = max(1, n_embd // 16) if n_embd % 16 == 0 else 1
     if n_embd % n_head:
@@ -129,6 +138,17 @@ def bos_token_id(model) -> int:
         if v is not None:
             return int(v)
     return 0
+
+
+def special_tokens(model, key: str = "prior") -> tuple[int | None, int]:
+    """``(eos_token_id(model), bos_token_id(model))``, checked to lie in the model's vocabulary (ConfigError
+    naming ``key`` otherwise)."""
+    eos, bos, V = eos_token_id(model), bos_token_id(model), vocab_size(model)
+    for what, tok in (("eos_token_id", eos), ("bos_token_id", bos)):
+        if tok is not None and not 0 <= tok < V:
+            raise ConfigError(key, f"the model's {what} {tok} is outside its vocabulary [0, {V}); set "
+                                   f"config.json's {what} to a token of the vocabulary")
+    return eos, bos
 
 
 def max_positions(model) -> int | None:

@@ -64,7 +64,11 @@ def q_targets(rewards: torch.Tensor, kl_reward: torch.Tensor | None, next_value:
 
 
 def td_loss(q_taken: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, kind: str = "huber") -> torch.Tensor:
-    """Huber (smooth L1) or squared error between ``Q(s_t, a_t)`` and the fixed targets, mean over unmasked tokens."""
+    """Huber (smooth L1) or squared error between ``Q(s_t, a_t)`` and the fixed targets, mean over unmasked tokens.
+    ``q_taken``, ``targets``, ``mask``: one shape (e.g. ``[B, T]``)."""
+    for name, t in (("targets", targets), ("mask", mask)):
+        if tuple(t.shape) != tuple(q_taken.shape):
+            raise ValueError(f"{name}: expected shape {tuple(q_taken.shape)} like q_taken, got {tuple(t.shape)}")
     m = mask.bool()
     if kind == "huber":
         per = F.smooth_l1_loss(q_taken, targets.detach(), reduction="none")

@@ -304,7 +304,7 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
     """
     from .config import resolve
     from .data import load_prompts
-    from .models import bos_token_id, build_tiny, eos_token_id, load_model, vocab_size
+    from .models import build_tiny, load_model, special_tokens, vocab_size
     from .sampling import left_pad, sample
     from .targets import build_target
 
@@ -327,7 +327,7 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
 
         tokenizer = load_tokenizer(cfg.tokenizer) or tokenizer
     net = net.to(device).float().eval()
-    V, eos, bos = vocab_size(net), eos_token_id(net), bos_token_id(net)
+    V, (eos, bos) = vocab_size(net), special_tokens(net, "--model" if model is not None else "prior")
     target = build_target(cfg.target, tokenizer=tokenizer, vocab_size=V, search=[Path.cwd()])
     if target.features and target.lambdas is None:
         target.features = []  # the reward alone is written; lambdas are not needed

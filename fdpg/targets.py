@@ -200,6 +200,18 @@ class Target:
     log_b_floor: float | None = None
     lambdas: torch.Tensor | None = None
 
+    def __post_init__(self):
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
+                math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta: expected a finite number > 0 (the reward's temperature), got {self.beta!r}")
+        if self.log_b_floor is not None and not (isinstance(self.log_b_floor, (int, float))
+                                                 and math.isfinite(self.log_b_floor) and self.log_b_floor <= 0):
+            raise ValueError(f"log_b_floor: expected None or a finite number <= 0 (e.g. log 1e-3), "
+                             f"got {self.log_b_floor!r}")
+        if len(self.mu_bar) != len(self.features):
+            raise ValueError(f"mu_bar: expected one target moment per feature ({len(self.features)}), "
+                             f"got {len(self.mu_bar)}")
+
     @property
     def has_constraints(self) -> bool:
         return bool(self.constraints)
@@ -248,11 +260,24 @@ def fit_lambdas(phi: torch.Tensor, log_w: torch.Tensor, mu_bar, *, lr: float = 1
         ``(lambdas [K], moments [K], converged)`` in float64, where ``moments`` is the self-normalised estimate of
         ``E_p_lambda[phi]`` at the returned lambdas and ``converged`` says ``max |moments - mu_bar| <= tol``.
     """
+    if not isinstance(phi, torch.Tensor) or phi.dim() != 2 or phi.shape[0] == 0:
+        raise ValueError(f"phi: expected a tensor [N, K] of features (N >= 1), got "
+                         f"{tuple(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__}")
+    n, k = phi.shape
     phi = phi.detach().to(torch.float64)
-    log_w = log_w.detach().to(torch.float64)
-    mu = torch.as_tensor(mu_bar, dtype=torch.float64, device=phi.device).reshape(phi.shape[1])
-    lam = (torch.zeros(phi.shape[1], dtype=torch.float64, device=phi.device) if init is None
-           else torch.as_tensor(init, dtype=torch.float64, device=phi.device).clone())
+    log_w = torch.as_tensor(log_w).detach().to(torch.float64)
+    mu = torch.as_tensor(mu_bar, dtype=torch.float64, device=phi.device).reshape(-1)
+    lam = (torch.zeros(k, dtype=torch.float64, device=phi.device) if init is None
+           else torch.as_tensor(init, dtype=torch.float64, device=phi.device).clone().reshape(-1))
+    for name, v, shape in (("log_w", log_w, (n,)), ("mu_bar", mu, (k,)), ("init", lam, (k,))):
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (phi is [{n}, {k}]), got {tuple(v.shape)}")
+    for name, v in (("phi", phi), ("mu_bar", mu), ("init", lam)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name}: contains NaN or inf; expected finite values")
+    if bool(torch.isnan(log_w).any()) or bool((log_w == math.inf).any()):
+        raise ValueError("log_w: contains NaN or +inf; expected log-weights < +inf (-inf: a sample outside the "
+                         "support)")
     if bool((log_w == -math.inf).all()):
         raise ValueError("fit_lambdas: every sample has zero weight (no sample satisfies the pointwise constraints)")
 

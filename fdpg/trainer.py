@@ -39,8 +39,8 @@ import fdpg
 from . import distributed, divergences, exact as exact_mod
 from .config import Config, ConfigError, resolve, to_dict
 from .data import OfflineData, load_offline, load_prompts
-from .models import (bos_token_id, build_tiny, eos_token_id, load_model, load_tokenizer, max_positions,
-                     model_inputs, quiet, use_fused_output, vocab_size)
+from .models import (build_tiny, eos_token_id, load_model, load_tokenizer, max_positions, model_inputs, quiet,
+                     special_tokens, use_fused_output, vocab_size)
 from .sampling import Samples, cat_samples, left_pad, sample
 from .targets import SeqBatch, Target, TargetScores, build_target, fit_lambdas
 
@@ -138,7 +138,7 @@ class Trainer:
         if vocab_size(self.policy) != self.V:
             raise ConfigError("policy", f"vocabulary size {vocab_size(self.policy)} differs from the prior's {self.V}; "
                                         "policy and prior must share one vocabulary")
-        self.eos, self.bos = eos_token_id(self.prior), bos_token_id(self.prior)
+        self.eos, self.bos = special_tokens(self.prior)
         if eos_token_id(self.policy) != self.eos:
             raise ConfigError("policy", f"EOS token {eos_token_id(self.policy)} differs from the prior's {self.eos}")
         self.pad = 0 if self.eos is None else self.eos
@@ -728,9 +728,24 @@ class Trainer:
         if "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda"])
 
+    def _check_finite(self) -> None:
+        """Raise FloatingPointError where the loss since the last evaluation or a policy weight is not finite (one
+        host sync): a diverged run writes no checkpoint over its good ones."""
+        params = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in self.policy.parameters()]
+        norms = torch.stack(torch._foreach_norm(params))                  # (FSDP: this rank's shards)
+        loss = torch.as_tensor(self._win["loss"], device=norms.device)
+        bad = self.dist.sum(torch.stack([~torch.isfinite(norms).all(), ~torch.isfinite(loss).all()]).float())
+        if bool(bad.any()):
+            what = "a policy weight" if bool(bad[0]) else "the loss"
+            raise FloatingPointError(f"training diverged: {what} is not finite at step {self.step} (the last "
+                                     f"checkpoint is intact; none was written); lower lr, set grad_clip, or run "
+                                     f"with FDPG_VALIDATE=1 to find the first non-finite input")
+
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-NNNNNNNN`` atomically: a temporary directory renamed into place, then the
-        ``latest`` pointer replaced; older checkpoints beyond ``keep_checkpoints`` are removed afterwards."""
+        ``latest`` pointer replaced; older checkpoints beyond ``keep_checkpoints`` are removed afterwards. Raises
+        FloatingPointError instead where training diverged (:meth:`_check_finite`)."""
+        self._check_finite()
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:08d}"

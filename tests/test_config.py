@@ -114,6 +114,12 @@ def test_wrong_type(data, key):
     (base(divergence="reverse_kl", target={"constraints": [{"type": "contains_token", "token_id": 1}]}),
      "log_b_floor"),
     (base(log_b_floor=1.0), "log_b_floor"),
+    (base(target={"reward": {"type": "length", "weight": math.nan}}), "target.reward.weight"),
+    (base(target={"reward": {"type": "length", "weight": math.inf}}), "target.reward.weight"),
+    (base(target={"features": [{"type": "token_count", "token_id": 1, "mu_bar": math.nan}]}),
+     "target.features[0].mu_bar"),
+    (base(target={"features": [{"type": "token_count", "token_id": 1, "mu_bar": 0.5}], "lambdas": [math.nan]}),
+     "target.lambdas"),
     (base(prompts=[[1, 2]], samples_per_context=3), "samples_per_context"),
     (base(samples_per_context=2), "samples_per_context"),
     (base(device="tpu"), "device"),
@@ -223,6 +229,16 @@ def test_other_model_checks(tmp_path):
     assert e.key == "max_length"
     e = trainer_error(tmp_path, prior={"tiny": {"vocab_size": 6, "n_embd": 16, "n_head": 3}})
     assert e.key == "prior.tiny.n_head"
+    for key, value in (("n_layer", 0), ("n_embd", 0), ("initializer_range", -1.0), ("initializer_range", math.nan)):
+        e = trainer_error(tmp_path, prior={"tiny": {"vocab_size": 6, key: value}})
+        assert e.key == f"prior.tiny.{key}", (key, value)
+    # a local model whose EOS / BOS lies outside its vocabulary (GPT2Config's default 50256 with a small vocabulary)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=7, n_layer=1, n_embd=16, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "m")
+    e = trainer_error(tmp_path, prior=str(tmp_path / "m"))
+    assert e.key == "prior" and "eos_token_id 50256 is outside its vocabulary [0, 7)" in str(e)
 
 
 def test_integers_written_in_scientific_notation():

@@ -359,7 +359,19 @@ def test_native_llama_weights_follow_updates(monkeypatch):
     got2, want2 = native_and_torch(monkeypatch, model, ids)
     assert len(native._transposed_cache) == n and not torch.allclose(got, got2)
     torch.testing.assert_close(got2, want2, atol=2e-5, rtol=2e-5)
-    del model
+    # updates that leave the version counter alone: through .data, and torch's fused AdamW (the trainer's on the CPU)
+    w = model.model.layers[0].mlp.down_proj.weight
+    v = w._version
+    w.data.mul_(0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert w._version == v
+    got3, want3 = native_and_torch(monkeypatch, model, ids)
+    assert not torch.allclose(got2, got3)
+    torch.testing.assert_close(got3, want3, atol=2e-5, rtol=2e-5)
+    del model, opt, w, p
     gc.collect()
     assert len(native._transposed_cache) == before
 

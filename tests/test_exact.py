@@ -37,6 +37,21 @@ def test_space_too_large():
         enumerate_space(50, 6, 0, max_size=10**6)
 
 
+def test_space_and_metrics_bad_arguments():
+    with pytest.raises(ValueError, match="max_length: expected an int >= 1, got 0"):
+        space_size(3, 0, 0)
+    with pytest.raises(ValueError, match="max_length"):
+        enumerate_space(3, 0, 0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        enumerate_space(0, 2, None)
+    for eos in (5, -1):
+        with pytest.raises(ValueError, match=r"eos_token_id: expected None or a token id in \[0, 3\)"):
+            enumerate_space(3, 2, eos)
+    lpi = torch.log_softmax(torch.randn(4, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="expected a finite Z > 0"):
+        exact_metrics(lpi, lpi, torch.full((4,), -math.inf, dtype=torch.float64))
+
+
 @pytest.fixture(scope="module")
 def model():
     return build_tiny(5, n_layer=2, n_embd=16, seed=1, eos_token_id=0, initializer_range=0.5)

@@ -88,6 +88,10 @@ def test_td_loss_masks_and_kinds():
     assert q.grad[1, 1] == 0
     with pytest.raises(ValueError, match="loss"):
         Q.td_loss(q, y, mask, "l1")
+    with pytest.raises(ValueError, match=r"targets: expected shape \(2, 2\) like q_taken"):
+        Q.td_loss(q, y[:1], mask, "mse")
+    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 2\)"):
+        Q.td_loss(q, y, mask[:, :1], "mse")
 
 
 def test_optimal_psi_on_a_tiny_gpt2_prior_matches_the_exact_evaluator():

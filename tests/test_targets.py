@@ -125,6 +125,29 @@ def test_fit_lambdas_single_feature_closed_form(gen):
     assert mom.item() == pytest.approx(0.6, abs=1e-8)
 
 
+def test_fit_lambdas_and_target_bad_inputs():
+    phi, lw = torch.tensor([[0.0], [1.0], [2.0]]), torch.zeros(3)
+    with pytest.raises(ValueError, match="log_w: contains NaN or \\+inf"):
+        fit_lambdas(phi, torch.tensor([0.0, math.nan, 0.0]), [1.0])
+    with pytest.raises(ValueError, match="mu_bar: contains NaN"):
+        fit_lambdas(phi, lw, [math.inf])
+    with pytest.raises(ValueError, match=r"mu_bar: expected shape \(1,\)"):
+        fit_lambdas(phi, lw, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"log_w: expected shape \(3,\)"):
+        fit_lambdas(phi, torch.zeros(2), [1.0])
+    with pytest.raises(ValueError, match=r"init: expected shape \(1,\)"):
+        fit_lambdas(phi, lw, [1.0], init=[0.0, 0.0])
+    with pytest.raises(ValueError, match=r"phi: expected a tensor \[N, K\]"):
+        fit_lambdas(phi[:, 0], lw, [1.0])
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="beta: expected a finite number > 0"):
+            Target(reward=length(), beta=bad)
+    with pytest.raises(ValueError, match="log_b_floor: expected None or a finite number <= 0"):
+        Target(log_b_floor=1.0)
+    with pytest.raises(ValueError, match="mu_bar: expected one target moment per feature"):
+        Target(features=[contains_token(2)])
+
+
 def test_fit_lambdas_exact_on_a_listed_space(gen):
     # the whole space as the "sample", weighted by a(x) and a pointwise constraint: E_p[phi] = mu_bar exactly
     N, K = 60, 2

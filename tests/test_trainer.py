@@ -4,6 +4,7 @@ issue (DPG with the KL-adaptive proposal, f-DPG, KL-control, offline, conditiona
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,6 +303,29 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="training diverged: the loss is nan at step 2"):
         tr.record()
     assert ckpt.exists() and (ckpt / "trainer.pt").exists()
+
+
+def test_a_diverged_run_writes_no_checkpoint(tmp_path):
+    """Checkpoints between evaluations: the one after the weights went NaN is refused, the good ones are kept, and
+    the run stops there (train() with eval.every beyond the divergence)."""
+    cfg = config(tmp_path, steps=6, checkpoint_every=1, keep_checkpoints=2, eval={"exact": False, "every": 6})
+    tr = Trainer(from_dict(cfg), log=quiet)
+    real, calls = tr.train_step, []
+
+    def step():
+        real()
+        calls.append(tr.step)
+        if tr.step == 3:
+            with torch.no_grad():
+                next(tr.policy.parameters()).fill_(math.nan)
+    tr.train_step = step
+    with pytest.raises(FloatingPointError, match="a policy weight is not finite at step 3 .*none was written"):
+        tr.train()
+    ck = Path(cfg["output_dir"]) / "checkpoints"
+    assert calls == [1, 2, 3] and (ck / "latest").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000001", "step-00000002"]
+    state = torch.load(ck / "step-00000002" / "trainer.pt", weights_only=False)
+    assert state["step"] == 2
 
 
 def test_resume_refuses_a_different_problem(tmp_path):

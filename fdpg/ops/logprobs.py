@@ -347,6 +347,8 @@ def completion_mask(tokens: Tensor, eos_token_id: int | None, *, start: int = 0)
     ``[B, T]``. With ``eos_token_id=None`` every position from ``start`` on is kept.
     """
     C.int_tensor("tokens", tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens: expected shape [B, T], got {tuple(tokens.shape)}")
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device)
     keep = (pos >= start).expand(B, T)
