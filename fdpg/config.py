@@ -155,6 +155,7 @@ class Config:
     algorithm: str = "fdpg"
     policy: ModelSpec | None = None
     tokenizer: str | None = None
+    eos_token_id: int | None = None
     max_length: int = 32
     target: TargetConfig = field(default_factory=TargetConfig)
     log_b_floor: float | None = None
@@ -362,6 +363,8 @@ def validate(cfg: Config) -> Config:
     for n in ("max_length", "steps", "batch_size", "grad_accum", "samples_per_context", "keep_checkpoints"):
         if getattr(cfg, n) < 1:
             raise ConfigError(n, f"expected an integer >= 1, got {getattr(cfg, n)}")
+    if cfg.eos_token_id is not None and cfg.eos_token_id < 0:
+        raise ConfigError("eos_token_id", f"expected a token id >= 0 or null, got {cfg.eos_token_id}")
     if cfg.warmup_steps < 0:
         raise ConfigError("warmup_steps", f"expected an integer >= 0, got {cfg.warmup_steps}")
     if cfg.threads is not None and cfg.threads < 1:

@@ -140,15 +140,25 @@ def bos_token_id(model) -> int:
     return 0
 
 
-def special_tokens(model, key: str = "prior") -> tuple[int | None, int]:
-    """``(eos_token_id(model), bos_token_id(model))``, checked to lie in the model's vocabulary (ConfigError
-    naming ``key`` otherwise)."""
-    eos, bos, V = eos_token_id(model), bos_token_id(model), vocab_size(model)
+def special_tokens(model, key: str = "prior", eos: int | None = None) -> tuple[int | None, int]:
+    """``(eos, bos)``: the token that ends a sequence (``eos`` when given: the config's ``eos_token_id``; else
+    :func:`eos_token_id`, the first where the model lists several) and :func:`bos_token_id`, checked to lie in the
+    model's vocabulary (ConfigError naming ``key``, or ``eos_token_id`` for the given one, otherwise)."""
+    V = vocab_size(model)
+    if eos is not None and not 0 <= eos < V:
+        raise ConfigError("eos_token_id", f"token id {eos} is outside the vocabulary [0, {V})")
+    eos, bos = eos_token_id(model) if eos is None else eos, bos_token_id(model)
     for what, tok in (("eos_token_id", eos), ("bos_token_id", bos)):
         if tok is not None and not 0 <= tok < V:
             raise ConfigError(key, f"the model's {what} {tok} is outside its vocabulary [0, {V}); set "
                                    f"config.json's {what} to a token of the vocabulary")
     return eos, bos
+
+
+def eos_token_ids(model) -> list[int]:
+    """Every EOS token id the model's config lists."""
+    eos = getattr(model.config, "eos_token_id", None)
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def max_positions(model) -> int | None:

@@ -327,7 +327,8 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
 
         tokenizer = load_tokenizer(cfg.tokenizer) or tokenizer
     net = net.to(device).float().eval()
-    V, (eos, bos) = vocab_size(net), special_tokens(net, "--model" if model is not None else "prior")
+    V, (eos, bos) = vocab_size(net), special_tokens(net, "--model" if model is not None else "prior",
+                                                    eos=cfg.eos_token_id)
     target = build_target(cfg.target, tokenizer=tokenizer, vocab_size=V, search=[Path.cwd()])
     if target.features and target.lambdas is None:
         target.features = []  # the reward alone is written; lambdas are not needed

@@ -39,8 +39,8 @@ import fdpg
 from . import distributed, divergences, exact as exact_mod
 from .config import Config, ConfigError, resolve, to_dict
 from .data import OfflineData, load_offline, load_prompts
-from .models import (build_tiny, eos_token_id, load_model, load_tokenizer, max_positions, model_inputs, quiet,
-                     special_tokens, use_fused_output, vocab_size)
+from .models import (build_tiny, eos_token_id, eos_token_ids, load_model, load_tokenizer, max_positions,
+                     model_inputs, quiet, special_tokens, use_fused_output, vocab_size)
 from .sampling import Samples, cat_samples, left_pad, sample
 from .targets import SeqBatch, Target, TargetScores, build_target, fit_lambdas
 
@@ -138,9 +138,14 @@ class Trainer:
         if vocab_size(self.policy) != self.V:
             raise ConfigError("policy", f"vocabulary size {vocab_size(self.policy)} differs from the prior's {self.V}; "
                                         "policy and prior must share one vocabulary")
-        self.eos, self.bos = special_tokens(self.prior)
-        if eos_token_id(self.policy) != self.eos:
-            raise ConfigError("policy", f"EOS token {eos_token_id(self.policy)} differs from the prior's {self.eos}")
+        self.eos, self.bos = special_tokens(self.prior, eos=cfg.eos_token_id)
+        if eos_token_id(self.policy) != eos_token_id(self.prior):
+            raise ConfigError("policy", f"EOS token {eos_token_id(self.policy)} differs from the prior's "
+                                        f"{eos_token_id(self.prior)}")
+        listed = eos_token_ids(self.prior)
+        if cfg.eos_token_id is None and len(listed) > 1:
+            self.log(f"fdpg: the model lists EOS tokens {listed}; sequences end at the first, {self.eos} (set "
+                f"eos_token_id to choose another, e.g. a chat model's end-of-turn token)")
         self.pad = 0 if self.eos is None else self.eos
         rows = cfg.batch_size * cfg.max_length  # logits positions of one scored batch
         self.fused = (use_fused_output(self.policy, cfg.output_layer, rows)

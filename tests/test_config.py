@@ -114,6 +114,7 @@ def test_wrong_type(data, key):
     (base(divergence="reverse_kl", target={"constraints": [{"type": "contains_token", "token_id": 1}]}),
      "log_b_floor"),
     (base(log_b_floor=1.0), "log_b_floor"),
+    (base(eos_token_id=-1), "eos_token_id"),
     (base(target={"reward": {"type": "length", "weight": math.nan}}), "target.reward.weight"),
     (base(target={"reward": {"type": "length", "weight": math.inf}}), "target.reward.weight"),
     (base(target={"features": [{"type": "token_count", "token_id": 1, "mu_bar": math.nan}]}),

@@ -428,3 +428,29 @@ def test_no_host_sync_in_a_step_past_sampling(tmp_path, kw):
         loss.backward()
         tr._optimizer_step()
     assert mode.hits == []
+
+
+def test_eos_token_id_chooses_among_the_models_eos_tokens(tmp_path):
+    """A model listing several EOS tokens (a chat model's end-of-text and end-of-turn): the first ends sequences
+    unless ``eos_token_id`` names another; the log says so; a token outside the vocabulary is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path / "llama"
+    cfg = LlamaConfig(vocab_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1,
+                      eos_token_id=[0, 6], pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    msgs = []
+    base = config(tmp_path, prior=str(path), max_length=6, eval={"exact": False}, steps=1)
+    tr = Trainer(from_dict(base), log=msgs.append)
+    assert tr.eos == 0 and any("lists EOS tokens [0, 6]; sequences end at the first, 0" in m for m in msgs)
+    tr = Trainer(from_dict({**base, "eos_token_id": 6, "output_dir": str(tmp_path / "six")}), log=quiet)
+    s = tr.next_batch()
+    assert tr.eos == 6
+    for row, m in zip(s.tokens.tolist(), s.mask.tolist()):
+        n = sum(m)
+        assert 6 not in row[:n - 1] and (n == len(row) or row[n - 1] == 6)   # ends at its first 6, or runs full
+    assert any(6 in row for row in s.tokens.tolist())
+    with pytest.raises(ConfigError, match=r"eos_token_id: token id 9 is outside the vocabulary \[0, 7\)"):
+        Trainer(from_dict({**base, "eos_token_id": 9, "output_dir": str(tmp_path / "nine")}), log=quiet)
