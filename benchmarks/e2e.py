@@ -399,7 +399,7 @@ def run_fdpg(config: str | P.Shape, steps: int, *, warmup: int = 2, threads: int
     dev = resolve_device(sh, device)
     peer = FdpgPeer(sh, dev, threads=threads, seed=seed)
     try:
-        return measure(peer, sh, dev, steps, warmup, rss_baseline=rss_baseline, throughput_pass=dev.type == "cuda",
+        return measure(peer, sh, dev, steps, warmup, rss_baseline=rss_baseline, throughput_pass=_throughput_pass(dev),
                        phase_note="phases by wrapping Trainer methods (the trainer exposes no phase timings)")
     finally:
         peer.close()
@@ -445,7 +445,7 @@ def worker(args) -> dict:
             if args.serve:
                 return serve(peer, sh, dev, args, base, dict(info, phase_note=note))
             res = measure(peer, sh, dev, args.steps, args.warmup, rss_baseline=base,
-                          throughput_pass=dev.type == "cuda", phase_note=note)
+                          throughput_pass=_throughput_pass(dev), phase_note=note)
         finally:
             if hasattr(peer, "close"):
                 peer.close()
@@ -485,6 +485,20 @@ def serve(peer, sh: P.Shape, dev: torch.device, args, base: int | None, info: di
     return dict(info, ok=True, **peak_memory(dev, base))
 
 
+def _throughput_pass(dev: torch.device) -> bool:
+    """A second pass without phase timers for samples/s on a GPU (the timers synchronise), except in a batch-size
+    search, which wants the peak memory alone."""
+    return dev.type == "cuda" and not os.environ.get("FDPG_E2E_SEARCH")
+
+
+def _summary(r: dict) -> str:
+    """One line of a peer's record, printed as soon as it is in (a run killed later keeps it in the log)."""
+    if not r.get("ok"):
+        return f"{r.get('peer')}: failed: {r.get('error', '')[-200:]}"
+    keys = ("samples_per_s", "tokens_per_s", "step_s", "peak_mem_bytes")
+    return f"{r.get('peer')}: " + json.dumps({k: r.get(k) for k in keys if k in r})
+
+
 def _worker_command(name: str, args) -> tuple[list, dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--config", args.config,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
@@ -493,6 +507,8 @@ def _worker_command(name: str, args) -> tuple[list, dict]:
         if getattr(args, k) is not None:
             cmd += [f"--{k}", str(getattr(args, k))]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    if getattr(args, "max_batch", False):
+        env["FDPG_E2E_SEARCH"] = "1"       # a batch-size search: no throughput pass (measure)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     return cmd, env
@@ -584,7 +600,9 @@ def largest_batch(name: str, args, start: int, limit: int) -> dict:
     def attempt(b):
         a = argparse.Namespace(**{**vars(args), "batch": b, "steps": 1, "warmup": 1})
         print(f"[e2e] {name}: batch {b} ...", file=sys.stderr, flush=True)
-        return run_peer_subprocess(name, a)
+        r = run_peer_subprocess(name, a)
+        print(f"[e2e] batch {b}: {_summary(r)}", file=sys.stderr, flush=True)
+        return r
 
     good, bad, b = None, None, start
     while b <= limit:
@@ -738,6 +756,7 @@ def main(argv=None):
             for n in names:
                 print(f"[e2e] run {rep + 1}/{args.repeat}: {n} ...", file=sys.stderr, flush=True)
                 runs[n].append(run_peer_subprocess(n, args))
+                print(f"[e2e] {_summary(runs[n][-1])}", file=sys.stderr, flush=True)
     results = []
     for n in names:
         good = [r for r in runs[n] if r.get("ok")]
