@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 import fdpg
+from .ops._checks import should_validate as validate
 
 __all__ = ["Samples", "sample", "left_pad", "cat_samples"]
 
@@ -113,16 +114,15 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
     from .decode import decoder, use_triton
 
     dev = next(model.parameters()).device
+    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    _check_sample_args(batch_size, max_length, stop_check_every, eos_token_id, bos_token_id, context_ids,
+                       context_mask, V)
     if context_ids is None:
         context_ids = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=dev)
         context_mask = None
     if context_index is None:
         context_index = torch.zeros(batch_size, dtype=torch.long, device=dev)
     B, P = context_ids.shape
-    if B != batch_size:
-        raise ValueError(f"context_ids: expected {batch_size} rows (batch_size), got {B}")
-    if max_length < 1:
-        raise ValueError(f"max_length: expected >= 1, got {max_length}")
     # no autocast cache: a step's casts must be made inside it (a CUDA graph replays them)
     amp = (torch.autocast(dev.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
            else contextlib.nullcontext())
@@ -168,11 +168,42 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
             logits = dec.step(tok.view(-1))
     tokens, token_lp = native if native is not None else (torch.cat(tokens, 1), torch.cat(lps, 1))
     mask = fdpg.completion_mask(tokens, eos_token_id)
+    if validate(None, token_lp) and bool(torch.isnan(token_lp).any()):   # (a host sync: the CPU by default)
+        raise FloatingPointError("sample: the model's logits hold NaN (the drawn tokens' log-probs are NaN); "
+                                 "its weights or inputs are not finite")
     dec.seal()
     T = tokens.shape[1]
     return Samples(tokens=tokens, mask=mask, token_logprob=token_lp, logprob=token_lp.sum(-1),
                    context_ids=context_ids, context_mask=context_mask, context_index=context_index,
                    replay=_replayer(dec, T) if dec.recording else None)
+
+
+def _check_sample_args(batch_size, max_length, stop_check_every, eos_token_id, bos_token_id, context_ids,
+                       context_mask, V) -> None:
+    for name, v in (("batch_size", batch_size), ("max_length", max_length), ("stop_check_every", stop_check_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    ids = [("eos_token_id", eos_token_id)] + ([("bos_token_id", bos_token_id)] if context_ids is None else [])
+    for name, v in ids:
+        if v is not None and V is not None and not 0 <= v < V:
+            raise ValueError(f"{name}: expected a token id in [0, {V}) (the model's vocabulary), got {v}")
+    if context_ids is None:
+        return
+    if not isinstance(context_ids, torch.Tensor) or context_ids.dim() != 2 or context_ids.dtype.is_floating_point:
+        raise ValueError(f"context_ids: expected an integer tensor [batch_size, P], got "
+                         f"{tuple(context_ids.shape) if isinstance(context_ids, torch.Tensor) else context_ids!r}")
+    if context_ids.shape[0] != batch_size or context_ids.shape[1] < 1:
+        raise ValueError(f"context_ids: expected shape ({batch_size}, P) with P >= 1, got {tuple(context_ids.shape)}")
+    if context_mask is not None and tuple(context_mask.shape) != tuple(context_ids.shape):
+        raise ValueError(f"context_mask: expected shape {tuple(context_ids.shape)} like context_ids, got "
+                         f"{tuple(context_mask.shape)}")
+    if not validate(None, context_ids):      # value checks: host syncs (the CPU by default)
+        return
+    if context_ids.numel() and V is not None and (int(context_ids.min()) < 0 or int(context_ids.max()) >= V):
+        raise ValueError(f"context_ids: token ids must lie in [0, {V}) (the model's vocabulary)")
+    if context_mask is not None:
+        if not bool(context_mask.bool().any(-1).all()):
+            raise ValueError("context_mask: every row needs at least one context token (True)")
 
 
 def _replayer(dec, T: int) -> Callable[..., torch.Tensor | None]:

@@ -307,12 +307,17 @@ class Trainer:
         """``n`` fresh samples from ``model`` (default: the policy) on the trainer's contexts; the generators
         default to the trainer's (whose states are checkpointed)."""
         ids, mask, idx = self._context_batch(n, data_gen)
-        return sample(model if model is not None else self.policy, n, self.cfg.max_length, eos_token_id=self.eos,
-                      bos_token_id=self.bos, context_ids=ids, context_mask=mask, context_index=idx,
-                      generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
-                      stop_check_every=1 if self.device.type == "cpu" else 16, record=record,
-                      # FSDP: every rank runs the same forward passes (collectives): stop when all ranks are done
-                      all_done=self.dist.all_done if self.dist.strategy == "fsdp" else None)
+        try:
+            return sample(model if model is not None else self.policy, n, self.cfg.max_length,
+                          eos_token_id=self.eos, bos_token_id=self.bos, context_ids=ids, context_mask=mask,
+                          context_index=idx, generator=sample_gen or self.sample_gen, autocast_dtype=self.amp_dtype,
+                          stop_check_every=1 if self.device.type == "cpu" else 16, record=record,
+                          # FSDP: every rank runs the same forward passes (collectives): stop when all are done
+                          all_done=self.dist.all_done if self.dist.strategy == "fsdp" else None)
+        except FloatingPointError as e:   # NaN logits (values checked: the CPU by default)
+            raise FloatingPointError(f"training diverged at step {self.step}: {e} (the last checkpoint is intact; "
+                                     f"lower lr, set grad_clip, or run with FDPG_VALIDATE=1 to find the first "
+                                     f"non-finite input)") from None
 
     def _offline_indices(self, n: int) -> torch.Tensor:
         """The next ``n`` rows of the shuffled offline stream (reshuffled at each epoch; checkpointed state)."""

@@ -62,6 +62,9 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, 
         raise ValueError(f"weight, bias: expected [{n}] each")
     if rms and bias is not None:
         raise ValueError("bias: RMSNorm has none")
+    if inplace and delta is not None and x.stride(-1) != 1:
+        raise ValueError(f"x: the sum is written into x in place (inplace=True), which needs contiguous columns "
+                         f"(stride 1 in the last dim), got strides {tuple(x.stride())}")
     x, delta, weight = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, delta, weight))
     bias = None if bias is None else bias.contiguous()
     xo = x if (inplace or delta is None) else torch.empty_like(x)

@@ -202,6 +202,9 @@ def test_nan_weights_give_nan_logprobs_not_silent_numbers(monkeypatch):
     model = copy.deepcopy(gpt2(seed=6))
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="sample: the model's logits hold NaN"):
+        both(monkeypatch, model, 4, 3, eos_token_id=None)       # values checked: by default on the CPU
+    monkeypatch.setenv("FDPG_VALIDATE", "0")                     # unchecked (a GPU's default): NaN, not numbers
     a, _, b, _ = both(monkeypatch, model, 4, 3, eos_token_id=None)
     assert bool(a.token_logprob.isnan().all()) and bool(b.token_logprob.isnan().all())
 

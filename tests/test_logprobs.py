@@ -99,6 +99,11 @@ def test_completion_mask_by_position_pad_equals_eos():
     assert m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
     m = fdpg.completion_mask(torch.tensor([[0, 3, 0, 0]]), eos, start=1)  # a prompt of one token that is EOS
     assert m.tolist() == [[0, 1, 1, 0]]
+    lp, m = -torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    assert fdpg.sequence_logprobs(lp.to(torch.bfloat16), m).dtype == torch.float32
+    lp[1, 2] = math.inf
+    with pytest.raises(ValueError, match=r"token_lp: contains \+inf at an unmasked position"):
+        fdpg.sequence_logprobs(lp, m)
     for bad in (torch.zeros(4, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"tokens: expected shape \[B, T\]"):
             fdpg.completion_mask(bad, eos)

@@ -345,3 +345,28 @@ def test_fused_draw_kernel_edges(dev):
         draw(z, torch.rand(3, 1))
     with pytest.raises(ValueError, match="done"):
         draw(z, torch.rand(3, 1, dtype=torch.float64), None, eos=4)
+
+
+def test_sample_bad_arguments():
+    """Clear errors naming the argument, never a crash in the C loop (stop_check_every = 0 divided by zero there)."""
+    from fdpg.models import build_tiny
+
+    model = build_tiny(vocab_size=12, n_layer=1, n_embd=16)
+    ctx = torch.ones(2, 3, dtype=torch.long)
+    cases = [(dict(stop_check_every=0), "stop_check_every: expected an int >= 1, got 0"),
+             (dict(stop_check_every=-2), "stop_check_every"),
+             (dict(batch_size=0), "batch_size: expected an int >= 1"),
+             (dict(max_length=0), "max_length: expected an int >= 1"),
+             (dict(bos_token_id=12), r"bos_token_id: expected a token id in \[0, 12\)"),
+             (dict(eos_token_id=-1), r"eos_token_id: expected a token id in \[0, 12\)"),
+             (dict(context_ids=ctx[0]), r"context_ids: expected an integer tensor \[batch_size, P\]"),
+             (dict(context_ids=ctx[:1]), r"context_ids: expected shape \(2, P\)"),
+             (dict(context_ids=ctx + 20), r"context_ids: token ids must lie in \[0, 12\)"),
+             (dict(context_ids=ctx, context_mask=torch.ones(2, 2, dtype=torch.bool)), "context_mask: expected shape"),
+             (dict(context_ids=ctx, context_mask=torch.tensor([[True] * 3, [False] * 3])),
+              "context_mask: every row needs at least one context token")]
+    for kw, msg in cases:
+        args = dict(batch_size=2, max_length=4, eos_token_id=0, generator=torch.Generator().manual_seed(0))
+        args.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            sample(model, args.pop("batch_size"), args.pop("max_length"), **args)

@@ -187,6 +187,30 @@ def test_inplace_backward_writes_into_the_logits(dtype, gen):
     torch.testing.assert_close(h.grad.double(), (x.grad @ W.double()), rtol=tol * 5, atol=tol * 5)
 
 
+def test_inplace_backward_falls_back_where_it_would_be_wrong(gen):
+    """Policy and prior logits in one buffer at different rows (the backward reads prior rows while writing the
+    gradient), and create_graph (the in-place gradient is not differentiable): the out-of-place kernel runs, the
+    gradient is right, and a second derivative raises instead of being silently 0."""
+    B, T, V = 2, 9, 300
+    full = rand_logits((B, T + 1, V), torch.float32, gen)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    w = weights((B, T), gen)
+    ref = full.clone().double().requires_grad_(True)
+    loss_of(reference.paired_token_stats(ref[:, 1:], ref[:, :-1].detach(), y, None, True, True, 1.0), w).backward()
+    for inplace in (False, True):
+        leaf = full.clone().requires_grad_(True)
+        x = leaf * 1.0
+        st = ops.paired_token_stats(x[:, 1:], x[:, :-1].detach(), y, entropy=True, kl=True, backend="triton",
+                                    inplace_backward=inplace)
+        loss_of(st._asdict(), {k: v.float() for k, v in w.items()}).backward()
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=2e-5, atol=2e-5)
+    leaf = full[:, 1:].clone().requires_grad_(True)
+    st = ops.paired_token_stats(leaf * 1.0, None, y, entropy=True, backend="triton", inplace_backward=True)
+    (g,) = torch.autograd.grad(st.entropy.sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((g * g).sum(), leaf)
+
+
 def test_inplace_backward_into_a_strided_slice(gen):
     """``logits[:, :-1]`` (strided rows) is read without a copy and its gradient written in place; positions
     outside the slice are untouched."""

@@ -76,3 +76,6 @@ def test_empty_and_bad_inputs():
         add_norm(torch.ones(2, 8), None, torch.ones(7), None, 1e-5, rms=True, out_dtype=F32)
     with pytest.raises(ValueError, match="bias"):
         add_norm(torch.ones(2, 8), None, w, torch.ones(8), 1e-5, rms=True, out_dtype=F32)
+    with pytest.raises(ValueError, match="x: the sum is written into x in place"):   # (a copy would be updated)
+        add_norm(torch.ones(8, 2, device=DEV).t(), torch.ones(2, 8, device=DEV), w, None, 1e-5, rms=True,
+                 out_dtype=F32, inplace=True)

@@ -6,6 +6,7 @@ so ``torch.compile(fullgraph=True)`` traces through them) behind one autograd Fu
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -114,9 +115,21 @@ def _token_stats_bwd_inplace(policy: Tensor, prior: Optional[Tensor], targets: T
                              prior_lse: Optional[Tensor], grad_lp: Optional[Tensor], grad_lse: Optional[Tensor],
                              grad_entropy: Optional[Tensor], grad_kl: Optional[Tensor], grad_seq: Optional[Tensor],
                              temperature: float, cuda: bool = False) -> None:
-    """The same gradient, written over ``policy``'s own buffer (the logits are dead after the loss)."""
-    _bwd_impl(policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
-              grad_seq, temperature, policy, cuda)
+    """The same gradient, written over ``policy``'s own buffer (the logits are dead after the loss). Where the
+    prior's logits lie in that buffer too, other than as the very same tensor, the kernel would read prior rows
+    that other programs have overwritten: the gradient is computed out of place, then copied in."""
+    a = (policy, prior, targets, mask, lse, entropy, kl, prior_lse, grad_lp, grad_lse, grad_entropy, grad_kl,
+         grad_seq, temperature)
+    if prior is not None and _aliased(prior, policy):
+        policy.copy_(_bwd_impl(*a, None, cuda))
+    else:
+        _bwd_impl(*a, policy, cuda)
+
+
+def _aliased(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` share storage without being the very same view."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and (a.data_ptr(), a.shape, a.stride()) != (b.data_ptr(), b.shape, b.stride()))
 
 
 @_token_stats_bwd_inplace.register_fake
@@ -157,9 +170,10 @@ class _TokenStats(torch.autograd.Function):
         args = (policy, prior if g_kl is not None else None, targets, mask if g_seq is not None else None, lse,
                 ent if g_ent is not None else None, klv if g_kl is not None else None,
                 plse if g_kl is not None else None, g_lp, g_lse, g_ent, g_kl, g_seq, ctx.temperature, ctx.cuda)
-        if ctx.inplace:
+        if ctx.inplace and not torch.is_grad_enabled():
             torch.ops.fdpg.token_stats_bwd_inplace(*args)
             grad = policy.detach()
+        # (under create_graph the out-of-place op: its gradient is not differentiable either, and says so)
         else:
             grad = torch.ops.fdpg.token_stats_bwd(*args)
         return grad, None, None, None, None, None, None, None, None
@@ -323,7 +337,8 @@ def paired_token_logprobs(policy_logits: Tensor, prior_logits: Tensor, targets: 
 
 
 def sequence_logprobs(token_lp: Tensor, mask: Tensor, *, validate: bool | None = None) -> Tensor:
-    """Masked per-sequence sums: ``token_lp [B, T]``, ``mask [B, T]`` (bool, or 0/1 numbers) -> ``[B]``.
+    """Masked per-sequence sums: ``token_lp [B, T]``, ``mask [B, T]`` (bool, or 0/1 numbers) -> ``[B]`` float32
+    (float64 for float64 log-probs).
 
     Masked positions contribute exactly 0 (even where ``token_lp`` is -inf). A fully masked row sums to 0; a
     batch with no unmasked position at all raises (checked when validating).
@@ -336,7 +351,12 @@ def sequence_logprobs(token_lp: Tensor, mask: Tensor, *, validate: bool | None =
     if C.should_validate(validate, token_lp):
         if mask.numel() == 0 or not bool(mask.bool().any()):
             raise ValueError("mask: every position of the batch is masked; expected at least one unmasked token")
-        C.no_nan("token_lp", token_lp.masked_fill(~mask.bool(), 0), " at an unmasked position")
+        live = token_lp.masked_fill(~mask.bool(), 0)
+        C.no_nan("token_lp", live, " at an unmasked position")
+        if bool((live == math.inf).any()):
+            raise ValueError("token_lp: contains +inf at an unmasked position; log-probabilities are <= 0")
+    if token_lp.dtype in (torch.float16, torch.bfloat16):
+        token_lp = token_lp.float()         # float32 sums (and results) for half-precision log-probs
     return reference.sequence_logprobs(token_lp, mask)
 
 
