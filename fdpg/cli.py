@@ -160,7 +160,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .config import ConfigError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`fdpg sample C.yaml --n 5 --out f.jsonl seed=3`): argparse
+    # ends a positional list at the first option and cannot intermix positionals with subcommands
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as e:

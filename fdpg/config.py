@@ -437,13 +437,15 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+Q_KEYS = ("gamma", "target_update", "mc_dropout", "kl_reward", "loss")   # psi_learning / q_learning only
+
+
 def _check_q_learning(cfg: Config) -> None:
     """psi_learning / q_learning: their keys, a fixed batch, a reward-tilt target (the rest is checked when the
     offline file is read); for fdpg, their keys must be left at their defaults."""
-    q_keys = ("gamma", "target_update", "mc_dropout", "kl_reward", "loss")
     if cfg.algorithm not in Q_ALGORITHMS:
         defaults = Config(prior=cfg.prior)
-        for k in q_keys:
+        for k in Q_KEYS:
             if getattr(cfg, k) != getattr(defaults, k):
                 raise ConfigError(k, f"only algorithm psi_learning or q_learning takes {k} (algorithm is "
                                      f"{cfg.algorithm!r})")
@@ -520,29 +522,52 @@ def apply_overrides(data: dict, overrides) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike, overrides=()) -> Config:
-    """Read a YAML file, apply ``key=value`` overrides, and validate."""
+def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError("", f"no configuration file at {str(path)!r}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{str(path)!r} is a directory; expected a YAML configuration file") from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path}: not valid YAML: {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping of keys to values at the top level")
-    return from_dict(apply_overrides(data, overrides))
+    return data
 
 
-def resolve(config, overrides=()) -> Config:
-    """A :class:`Config`, a mapping, or a YAML path, with ``key=value`` overrides applied, validated."""
+def load_config(path: str | os.PathLike, overrides=()) -> Config:
+    """Read a YAML file, apply ``key=value`` overrides, and validate."""
+    return from_dict(apply_overrides(_read_yaml(path), overrides))
+
+
+def resolve(config, overrides=(), *, for_sampling: bool = False) -> Config:
+    """A :class:`Config`, a mapping, or a YAML path, with ``key=value`` overrides applied, validated.
+
+    ``for_sampling``: the configuration of ``fdpg sample`` (its prior, prompts, reward): its ``offline`` file is
+    dropped, and a psi_learning / q_learning configuration needs none."""
     if isinstance(config, Config):
-        return from_dict(apply_overrides(to_dict(config), overrides)) if overrides else config
-    if isinstance(config, dict):
-        return from_dict(apply_overrides(config, overrides))
-    return load_config(config, overrides)
+        if not (overrides or for_sampling):
+            return config
+        data = to_dict(config)
+    elif isinstance(config, dict):
+        data = config
+    else:
+        data = _read_yaml(config)
+    data = apply_overrides(data, overrides)
+    if not for_sampling:
+        return from_dict(data)
+    data = {**data, "offline": None}
+    algo = data.get("algorithm")
+    cfg = from_dict(data, check=False)
+    if algo in Q_ALGORITHMS:   # checked as the fdpg configuration it samples for: the Q keys are not used here
+        validate(dataclasses.replace(cfg, algorithm="fdpg", **{k: getattr(Config(prior=cfg.prior), k)
+                                                                 for k in Q_KEYS}))
+        return cfg
+    return validate(cfg)
 
 
 def to_dict(cfg) -> dict:

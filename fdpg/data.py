@@ -76,6 +76,12 @@ def _check_tokens(toks, path, line, key, vocab_size, max_length, eos):
         raise _bad(path, line, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", key)
     if eos is not None and eos in toks[:-1]:
         raise _bad(path, line, f"tokens continue after EOS ({eos}); a sequence ends at its first EOS", key)
+    if (eos is None or toks[-1] != eos) and len(toks) != max_length:
+        raise _bad(path, line, _PREFIX.format(n=len(toks), eos=eos, T=max_length), key)
+
+
+_PREFIX = ("a row of {n} tokens ends without EOS ({eos}) before max_length ({T}): a prefix, not a whole sequence "
+           "(sampled with a smaller max_length?)")
 
 
 def _number(row, name, path, line, key, required):
@@ -113,8 +119,8 @@ def load_offline(path: str, *, vocab_size: int, max_length: int, eos_token_id: i
             if r is not None and not math.isfinite(r):
                 raise _bad(path, i, f"'reward' must be finite, got {r}", key)
             ctx = row.get("context", [bos_token_id])
-            if not isinstance(ctx, list) or not ctx or not all(isinstance(t, int) and 0 <= t < vocab_size
-                                                               for t in ctx):
+            if not isinstance(ctx, list) or not ctx or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                               and 0 <= t < vocab_size for t in ctx):
                 raise _bad(path, i, "'context' must be a non-empty list of token ids in the vocabulary", key)
             seqs.append(row["tokens"]), lps.append(lp), rewards.append(r)
             ctx_of.append(contexts.setdefault(tuple(ctx), len(contexts)))
@@ -142,7 +148,8 @@ def _load_tensor_file(path, vocab_size, max_length, eos, bos, key, need_logprob=
     if not isinstance(d, dict) or "tokens" not in d or ("logprob" not in d and need_logprob):
         raise _bad(path, None, "expected a dict with 'tokens' [N, T] and 'logprob' [N]", key)
     tokens, lp = d["tokens"], d.get("logprob")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+    if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point
+            or tokens.dtype == torch.bool):
         raise _bad(path, None, "'tokens' must be an integer tensor [N, T]", key)
     N, T = tokens.shape
     if N == 0:
@@ -156,16 +163,27 @@ def _load_tensor_file(path, vocab_size, max_length, eos, bos, key, need_logprob=
     elif not bool((torch.isfinite(lp) & (lp <= 0)).all()):
         raise _bad(path, None, "'logprob' must hold finite log-probabilities <= 0", key)
     mask = d.get("mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape):
+        raise _bad(path, None, f"'mask' must be a tensor of the shape of 'tokens' {tuple(tokens.shape)}", key)
     mask = fdpg.completion_mask(tokens, eos) if mask is None else mask.bool()
-    if mask.shape != tokens.shape:
-        raise _bad(path, None, f"'mask' must have the shape of 'tokens' {tuple(tokens.shape)}", key)
+    n = mask.sum(1)
+    if not torch.equal(mask, torch.arange(T)[None, :] < n[:, None]):
+        raise _bad(path, None, "'mask' must cover a prefix of each row (its tokens, then padding)", key)
+    last = tokens.gather(1, (n - 1).clamp_min(0)[:, None])[:, 0]
+    ends = torch.zeros(N, dtype=torch.bool) if eos is None else last == eos
+    if eos is not None and bool(((tokens == eos) & mask).sum(1).gt(ends.long()).any()):
+        raise _bad(path, None, f"a row's tokens continue after EOS ({eos}); a sequence ends at its first EOS", key)
+    short = ~ends & (n != max_length) & (n > 0)
+    if bool(short.any()):
+        raise _bad(path, None, _PREFIX.format(n=int(n[short][0]), eos=eos, T=max_length), key)
     sel = tokens[mask]
     if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= vocab_size):
         raise _bad(path, None, f"token ids outside the vocabulary [0, {vocab_size})", key)
     if not bool(mask.any(1).all()):
         raise _bad(path, None, "a row has no token", key)
     r = d.get("reward")
-    if r is not None and (r.shape != (N,) or not bool(torch.isfinite(r).all())):
+    if r is not None and (not isinstance(r, torch.Tensor) or not r.dtype.is_floating_point or r.shape != (N,)
+                          or not bool(torch.isfinite(r).all())):
         raise _bad(path, None, f"'reward' must be a finite tensor [{N}]", key)
     tokens = torch.where(mask, tokens.long(), torch.full_like(tokens.long(), 0 if eos is None else eos))
     return OfflineData(tokens, mask, lp.float(), torch.zeros(N, dtype=torch.long), [[bos]],

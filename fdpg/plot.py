@@ -41,7 +41,8 @@ def plot_runs(run_dirs, out, *, metric: str = "kl_p_pi", labels=None, title: str
         pts = [(r["step"], r[metric]) for r in recs if isinstance(r.get(metric), (int, float))
                and not isinstance(r.get(metric), bool)]
         if not pts:
-            known = sorted({k for r in recs for k, v in r.items() if isinstance(v, (int, float))})
+            known = sorted({k for r in recs for k, v in r.items() if isinstance(v, (int, float))
+                            and not isinstance(v, bool)})
             plt.close(fig)
             raise ConfigError("--metric", f"{metric!r} has no numeric value in {str(d)!r}; it has "
                                           f"{', '.join(known)}")

@@ -118,7 +118,10 @@ class QTrainer(Trainer):
             ids, mask, _ = self._contexts_of(data.context_index[idx])
             b = SeqBatch(data.tokens[idx].to(self.device), data.mask[idx].to(self.device),
                          ids if self.conditional else None, mask, self.tokenizer)
-            computed.append(self.target.reward(b).float().cpu())
+            try:
+                computed.append(self.target.reward(b).float().cpu())
+            except ValueError as e:       # a user function's bad output, on the offline rows
+                raise ConfigError("target.reward", f"on {path}, rows {i + 1}..: {e}") from None
         computed = torch.cat(computed)
         if not bool(torch.isfinite(computed).all()):
             row = int((~torch.isfinite(computed)).nonzero()[0])
@@ -308,7 +311,7 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
     from .sampling import left_pad, sample
     from .targets import build_target
 
-    cfg = resolve(config, overrides)
+    cfg = resolve(config, overrides, for_sampling=True)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError("--n", f"expected a number of sequences >= 1, got {n!r}")
     log = log or (lambda msg: None)
@@ -337,7 +340,12 @@ def sample_batch(config, n: int, out, *, model: str | None = None, overrides=(),
     gen = torch.Generator(device).manual_seed(cfg.seed if seed is None else seed)
     pick = torch.Generator().manual_seed((cfg.seed if seed is None else seed) + 1)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ConfigError("--out", f"{str(out)!r} is a directory; expected the path of the JSONL file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--out", f"cannot create the directory of {str(out)!r}: {e.strerror}") from None
     tmp = out.with_name(f".{out.name}.tmp")
     written = 0
     with open(tmp, "w") as f:

@@ -170,7 +170,9 @@ def from_callable(fn: Callable, name: str, kind: str, negate: bool = False, weig
             return ~v if negate else v
         v = v.to(dtype)
         if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name}: returned a non-finite value (NaN or inf): {v.tolist()[:8]}")
+            i = int((~torch.isfinite(v)).nonzero()[0])
+            raise ValueError(f"{name}: returned {float(v[i])} (not finite) for sequence {i} of the batch "
+                             f"({b.sequences[i]})")
         return weight * v
     return Part(name, call)
 

@@ -170,10 +170,11 @@ class Trainer:
         ctx_ids, ctx_mask = left_pad(self.contexts, self.pad)
         self.ctx_ids, self.ctx_mask = ctx_ids.to(self.device), None if ctx_mask is None else ctx_mask.to(self.device)
         self.ctx_len = torch.tensor([len(c) for c in self.contexts])
-        limit = max_positions(self.prior)
-        if limit is not None and int(self.ctx_len.max()) + cfg.max_length > limit:
-            raise ConfigError("max_length", f"contexts of up to {int(self.ctx_len.max())} tokens plus max_length "
-                                            f"{cfg.max_length} exceed the model's {limit} positions")
+        for which, model in (("prior", self.prior), ("policy", self.policy)):
+            limit = max_positions(model)
+            if limit is not None and int(self.ctx_len.max()) + cfg.max_length > limit:
+                raise ConfigError("max_length", f"contexts of up to {int(self.ctx_len.max())} tokens plus max_length "
+                                                f"{cfg.max_length} exceed the {which}'s {limit} positions")
 
         # ---- target P(x) = a(x) b(x) and divergence
         search = [Path.cwd()]
@@ -468,8 +469,13 @@ class Trainer:
         s = self.draw(-(-n // self.dist.world) if n else self.cfg.batch_size, self.proposal)  # n: all ranks'
         sc = self.score(s, grad=False)
         idx = s.context_index if self.conditional else None
-        log_p = sc.log_P - self._per_sample_log_z(self.log_z(), idx, len(s))
-        log_p, lq, lpi = self.dist.gather(log_p, s.logprob, sc.policy_lp)  # all ranks' samples: one decision
+        # all ranks' samples: one decision
+        log_P, lq, lpi, idx = self.dist.gather(sc.log_P, s.logprob, sc.policy_lp, idx)
+        # the running log Z; with z_estimate: batch (no running sums) or for a context with no P > 0 sample yet,
+        # the estimate from these samples of q
+        lse, cnt = self._group_logsumexp(log_P - lq, idx)
+        log_z = torch.where(torch.isfinite(self.log_z()), self.log_z(), lse - torch.log(cnt))
+        log_p = log_P - self._per_sample_log_z(log_z, idx, log_P.shape[0])
         w = torch.exp(log_p - lq)                             # p/q
         zero = torch.zeros_like(w)
         kl_pi = torch.where(w > 0, w * (log_p - lpi), zero).mean()

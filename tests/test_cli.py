@@ -105,3 +105,23 @@ def test_examples_parse_and_tiny_ones_run(tmp_path, path, monkeypatch):
                  f"output_dir={tmp_path / 'run'}", "progress=false", "checkpoint_every=null"]) == 0
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert recs[-1]["step"] == 2 and recs[-1]["exact"] is True
+
+
+def test_overrides_after_options_and_sampling_from_a_q_learning_config(tmp_path, capsys):
+    """key=value overrides may follow the options; `fdpg sample` takes a psi/q-learning configuration (no offline
+    file needed: it writes one) with prompts; a directory where a file is expected is a config error."""
+    psi = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_psi.yaml")
+    out = tmp_path / "b.jsonl"
+    assert main(["sample", psi, "--n", "6", "--out", str(out), "seed=3", "prompts=[[0], [1, 2]]"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 6 and all(r["context"] in ([0], [1, 2]) for r in rows)
+    p = write_config(tmp_path)
+    assert main(["train", str(p), "--resume", "steps=1", "eval.every=1"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(p), "--resume", "steps"])          # not key=value: argparse's usage error
+    assert e.value.code == 2
+    assert main(["train", str(tmp_path)]) == 2
+    assert "is a directory; expected a YAML configuration file" in capsys.readouterr().err
+    assert main(["sample", psi, "--n", "2", "--out", str(tmp_path)]) == 2
+    assert "--out: " in capsys.readouterr().err

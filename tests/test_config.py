@@ -228,6 +228,8 @@ def test_other_model_checks(tmp_path):
     assert e.key == "eval.exact"
     e = trainer_error(tmp_path, max_length=200)
     assert e.key == "max_length"
+    e = trainer_error(tmp_path, policy={"tiny": {"vocab_size": 6, "n_positions": 2}})
+    assert e.key == "max_length" and "the policy's 2 positions" in str(e)
     e = trainer_error(tmp_path, prior={"tiny": {"vocab_size": 6, "n_embd": 16, "n_head": 3}})
     assert e.key == "prior.tiny.n_head"
     for key, value in (("n_layer", 0), ("n_embd", 0), ("initializer_range", -1.0), ("initializer_range", math.nan)):

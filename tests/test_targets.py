@@ -77,8 +77,8 @@ def test_callable_bad_outputs():
         from_callable(lambda s: [True], "f", "bool")(b)
     with pytest.raises(ValueError, match="booleans"):
         from_callable(lambda s: [0.5, 1.0], "f", "bool")(b)
-    with pytest.raises(ValueError, match="non-finite"):
-        from_callable(lambda s: [float("nan"), 1.0], "r", "float")(b)
+    with pytest.raises(ValueError, match=r"r: returned inf \(not finite\) for sequence 1 of the batch \(\[2\]\)"):
+        from_callable(lambda s: [1.0, float("inf")], "r", "float")(b)
 
 
 def test_resolve_callable(tmp_path):

@@ -156,15 +156,31 @@ def test_offline_tensor_file_and_bad_files(tmp_path):
         ('{"tokens": [1, 9], "logprob": -1.0}\n', "line 1: token id 9"),
         ('{"tokens": [1, 2, 3, 4, 5], "logprob": -1.0}\n', "longer than max_length"),
         ('{"tokens": [1, 0, 2], "logprob": -1.0}\n', "after EOS"),
-        ('{"tokens": [1], "logprob": NaN}\n', "line 1: 'logprob' must be a number"),
-        ('{"tokens": [1], "logprob": -1.0, "reward": NaN}\n', "line 1: 'reward' must be a number"),
-        ('{"tokens": [1]}\n', "line 1: missing 'logprob'"),
+        ('{"tokens": [1, 0], "logprob": NaN}\n', "line 1: 'logprob' must be a number"),
+        ('{"tokens": [1, 0], "logprob": -1.0, "reward": NaN}\n', "line 1: 'reward' must be a number"),
+        ('{"tokens": [1, 0]}\n', "line 1: missing 'logprob'"),
+        ('{"tokens": [1, 0], "logprob": -1.0}\n{"tokens": [1, 2], "logprob": -1.0}\n',
+         "line 2: a row of 2 tokens ends without EOS (0) before max_length (4): a prefix"),
     ]
     for text, msg in cases:
         bad.write_text(text)
         with pytest.raises(ConfigError) as e:
             Trainer(from_dict(config(tmp_path, offline=str(bad))), log=quiet)
         assert e.value.key == "offline" and str(bad) in str(e.value) and msg in str(e.value), (msg, str(e.value))
+    T = torch.tensor
+    tok, lp = T([[1, 2, 0, 0], [3, 3, 3, 3]]), T([-1.0, -2.0])
+    cases = [({"tokens": tok.bool(), "logprob": lp}, "'tokens' must be an integer tensor"),
+             ({"tokens": tok, "logprob": lp, "mask": [[1, 1, 1, 0], [1, 1, 1, 1]]}, "'mask' must be a tensor"),
+             ({"tokens": tok, "logprob": lp, "mask": T([[1, 0, 1, 0], [1, 1, 1, 1]])}, "'mask' must cover a prefix"),
+             ({"tokens": tok, "logprob": lp, "mask": T([[1, 1, 1, 1], [1, 1, 1, 1]])}, "continue after EOS"),
+             ({"tokens": tok, "logprob": lp, "mask": T([[1, 1, 1, 0], [1, 1, 0, 0]])}, "a row of 2 tokens ends"),
+             ({"tokens": tok[:, :3], "logprob": lp}, "a row of 3 tokens ends without EOS"),
+             ({"tokens": tok, "logprob": lp, "reward": [1.0, 2.0]}, "'reward' must be a finite tensor")]
+    for d, msg in cases:
+        torch.save(d, pt)
+        with pytest.raises(ConfigError) as e:
+            Trainer(from_dict(config(tmp_path, offline=str(pt))), log=quiet)
+        assert e.value.key == "offline" and msg in str(e.value), (msg, str(e.value))
 
 
 def test_conditional_target_with_prompts(tmp_path):
@@ -461,3 +477,13 @@ def test_eos_token_id_chooses_among_the_models_eos_tokens(tmp_path):
     assert any(6 in row for row in s.tokens.tolist())
     with pytest.raises(ConfigError, match=r"eos_token_id: token id 9 is outside the vocabulary \[0, 7\)"):
         Trainer(from_dict({**base, "eos_token_id": 9, "output_dir": str(tmp_path / "nine")}), log=quiet)
+
+
+def test_kl_adaptive_estimate_with_a_batch_log_z(tmp_path):
+    """z_estimate: batch keeps no running log Z: the proposal's KL(p || q) estimate takes log Z from its own
+    samples (it used Z = 1 and logged negative KLs); at step 0 (q = pi) it estimates the exact KL(p || pi)."""
+    tr = Trainer(from_dict(config(tmp_path, z_estimate="batch", eval={"exact": True},
+                                  proposal={"update": "kl_adaptive", "every": 1000, "n_samples": 6000})), log=quiet)
+    tr._update_proposal()
+    exact = tr.evaluate()["kl_p_pi"]
+    assert tr.last_kl_p_q == pytest.approx(exact, abs=0.1 * max(exact, 0.2))
