@@ -130,6 +130,12 @@ def _library_reason(dtype) -> str | None:
     return lib if isinstance(lib, str) else None
 
 
+def library_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the native CPU library is not in use for ``dtype`` (float32 or float64): ``FDPG_CPU_DECODE=0``, or why
+    it could not be compiled or loaded (no C compiler, ...); None where it is."""
+    return _library_reason(dtype)
+
+
 def unavailable_reason(dec, all_done=None) -> str | None:
     """Why the native loop cannot run the sampling pass of decoder ``dec`` (after its prefill), or None."""
     family = type(dec).__name__

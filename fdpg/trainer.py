@@ -519,7 +519,12 @@ class Trainer:
             s = self._prior_samples(n, self.cfg.seed + 7919)
             where = f"{n} samples of the prior"
         b = SeqBatch(s.tokens, s.mask, s.context_ids if self.conditional else None, s.context_mask, self.tokenizer)
-        each = [c(b).to(torch.bool) for c in self.target.constraints]
+        each = []
+        for i, c in enumerate(self.target.constraints):
+            try:
+                each.append(c(b).to(torch.bool))
+            except ValueError as e:     # a user function's bad output, found before any training
+                raise ConfigError(f"target.constraints[{i}].function", f"on {where}: {e}") from None
         if bool(torch.stack(each).all(0).any()):
             return
         dead = [i for i, v in enumerate(each) if not bool(v.any())]

@@ -201,16 +201,19 @@ def test_unsatisfiable_constraint(tmp_path):
     assert e.key == "target.constraints[0].token_id"
     # a user constraint that no sample of the prior meets: every sample has P = 0
     mod = tmp_path / "never_mod.py"
-    mod.write_text("def never(seqs):\n    return [False] * len(seqs)\n")
+    mod.write_text("def never(seqs):\n    return [False] * len(seqs)\n\n"
+                   "def half(seqs):\n    return [0.5] * len(seqs)\n")
     import sys
 
     sys.path.insert(0, str(tmp_path))
     try:
         e = trainer_error(tmp_path, target={"constraints": [
             {"type": "contains_token", "token_id": 2}, {"type": "callable", "function": "never_mod:never"}]})
+        bad = trainer_error(tmp_path, target={"constraints": [{"type": "callable", "function": "never_mod:half"}]})
     finally:
         sys.path.remove(str(tmp_path))
     assert e.key == "target.constraints[1]" and "P(x) = 0" in str(e)
+    assert bad.key == "target.constraints[0].function" and "must return booleans" in str(bad)
 
 
 def test_incompatible_constraints(tmp_path):

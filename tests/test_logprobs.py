@@ -104,6 +104,12 @@ def test_completion_mask_by_position_pad_equals_eos():
     lp[1, 2] = math.inf
     with pytest.raises(ValueError, match=r"token_lp: contains \+inf at an unmasked position"):
         fdpg.sequence_logprobs(lp, m)
+    with pytest.raises(ValueError, match="mask: expected bool or 0/1 values"):
+        fdpg.sequence_logprobs(-torch.rand(2, 3), torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="eos_token_id: expected None or a token id >= 0"):
+        fdpg.completion_mask(torch.zeros(2, 3, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="start: expected an int >= 0"):
+        fdpg.completion_mask(torch.zeros(2, 3, dtype=torch.long), 0, start=-1)
     for bad in (torch.zeros(4, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"tokens: expected shape \[B, T\]"):
             fdpg.completion_mask(bad, eos)

@@ -351,6 +351,8 @@ def sequence_logprobs(token_lp: Tensor, mask: Tensor, *, validate: bool | None =
     if C.should_validate(validate, token_lp):
         if mask.numel() == 0 or not bool(mask.bool().any()):
             raise ValueError("mask: every position of the batch is masked; expected at least one unmasked token")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: expected bool or 0/1 values")
         live = token_lp.masked_fill(~mask.bool(), 0)
         C.no_nan("token_lp", live, " at an unmasked position")
         if bool((live == math.inf).any()):
@@ -369,6 +371,11 @@ def completion_mask(tokens: Tensor, eos_token_id: int | None, *, start: int = 0)
     C.int_tensor("tokens", tokens)
     if tokens.dim() != 2:
         raise ValueError(f"tokens: expected shape [B, T], got {tuple(tokens.shape)}")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or eos_token_id < 0):
+        raise ValueError(f"eos_token_id: expected None or a token id >= 0, got {eos_token_id!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start: expected an int >= 0 (the first position of the continuation), got {start!r}")
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device)
     keep = (pos >= start).expand(B, T)
