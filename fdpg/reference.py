@@ -131,8 +131,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     Forward holds one chunk of logits at a time (never all N x V); saves only the inputs and the per-row
     logsumexp. hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` -> three ``[N]``, float32
-    (float64 for float64 inputs); ``max`` carries no gradient. Once differentiable (backward is not itself
-    differentiable: it raises under ``create_graph``).
+    (float64 for float64 inputs); ``max`` carries no gradient. Once differentiable: the gradients carry no graph,
+    so a second derivative raises rather than coming out wrong.
     """
 
     @staticmethod

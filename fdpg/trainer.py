@@ -145,7 +145,7 @@ class Trainer:
         listed = eos_token_ids(self.prior)
         if cfg.eos_token_id is None and len(listed) > 1:
             self.log(f"fdpg: the model lists EOS tokens {listed}; sequences end at the first, {self.eos} (set "
-                f"eos_token_id to choose another, e.g. a chat model's end-of-turn token)")
+                     f"eos_token_id to choose another, e.g. a chat model's end-of-turn token)")
         self.pad = 0 if self.eos is None else self.eos
         rows = cfg.batch_size * cfg.max_length  # logits positions of one scored batch
         self.fused = (use_fused_output(self.policy, cfg.output_layer, rows)
