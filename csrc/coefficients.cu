@@ -119,6 +119,26 @@ __device__ __forceinline__ double weighted_f_prime(const fdpg_divergence& d, dou
     return out;
 }
 
+// exp(log_w) (f'(s_star) - f'(s)), each part differenced before the weight multiplies it (rest[0], a constant,
+// cancels exactly; fdpg.divergences.Divergence.weighted_f_prime_gap); 0 where log_w = -inf.
+__device__ __forceinline__ double weighted_gap(const fdpg_divergence& d, double s_star, double s, double log_w) {
+    if (log_w == -INFINITY) return 0.0;
+    double out = 0.0;
+    for (int k = 0; k < d.n_exp; ++k)
+        out += d.exp_coef[k] * (exp(d.exp_rate[k] * s_star + log_w) - exp(d.exp_rate[k] * s + log_w));
+    double r = 0.0;
+    if (d.has_rest) {
+        if (d.rest[1] != 0.0) r += d.rest[1] * (s_star - s);
+        if (d.rest[2] != 0.0) r += d.rest[2] * (sign(s_star) - sign(s));
+        if (d.rest[3] != 0.0) r += d.rest[3] * (softplus(-s_star) - softplus(-s));
+    }
+    if (r != 0.0) {
+        const double w = exp(log_w), direct = w * r;
+        out += isfinite(direct) && w > 0.0 && isfinite(w) ? direct : copysign(exp(log_w + log(fabs(r))), r);
+    }
+    return out;
+}
+
 template <typename T>
 __device__ __forceinline__ double ld(const T* p, int64_t i) {
     return static_cast<double>(p[i]);
@@ -156,11 +176,12 @@ coefficients_kernel(const T* __restrict__ lpi, const T* __restrict__ lq, const T
     // The reference computes in the input dtype: a float32 log Z is rounded before it enters s.
     lz = static_cast<double>(static_cast<T>(lz));
 
-    double b = baseline_mode == 2 ? baseline_value : 0.0, pair = 0.0;
+    double b = baseline_mode == 2 ? baseline_value : 0.0, pair = 0.0, s_star = 0.0;
     int64_t istar = -1;
     if (baseline_mode == 0 && n > 0) {  // self-normalised estimate of E_pi[f'(t)]
-        // The sample of the largest weight (the first): its coefficient is wn* sum_j w_j (f'* - f'_j)
-        // (fdpg.reference.fdpg_coefficients): f'* - B cancels to rounding noise where it holds nearly all the weight.
+        // Differenced against the sample of the largest weight (the first), *: coef_j = -gap_j + wn_j sum_k gap_k
+        // with gap_k = w_k (f'_* - f'_k) (fdpg.reference.fdpg_coefficients): f'_j - B cancels to rounding noise
+        // where * holds nearly all the weight, for * and any sample with its f'; the gaps do not.
         if (threadIdx.x == 0) first_max = ~0ull;
         __syncthreads();
         for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -170,12 +191,12 @@ coefficients_kernel(const T* __restrict__ lpi, const T* __restrict__ lq, const T
             }
         __syncthreads();
         istar = static_cast<int64_t>(first_max);
-        const double s_star = ld(lpi, istar) - ld(lP, istar) + lz, r_star = rest_value(d, s_star);
+        s_star = ld(lpi, istar) - ld(lP, istar) + lz;
         double acc[2] = {0.0, 0.0};
         for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
             const double a = ld(lpi, i), lw = a - ld(lq, i), s_i = a - ld(lP, i) + lz;
             acc[0] += weighted_f_prime(d, s_i, lw - lse_w, 0.0);
-            if (i != istar) acc[1] += weighted_f_prime(d, s_star, lw, r_star) - weighted_f_prime(d, s_i, lw, r_star);
+            if (i != istar) acc[1] += weighted_gap(d, s_star, s_i, lw);
         }
         block_sum<2>(acc, smem);
         b = acc[0];
@@ -183,7 +204,15 @@ coefficients_kernel(const T* __restrict__ lpi, const T* __restrict__ lq, const T
     }
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const double a = ld(lpi, i), lw = a - ld(lq, i);
-        coef[i] = static_cast<T>(i == istar ? exp(lw - lse_w) * pair : weighted_f_prime(d, a - ld(lP, i) + lz, lw, b));
+        const double s_i = a - ld(lP, i) + lz;
+        double c;
+        if (istar >= 0) {  // the batch baseline: -gap_i + wn_i sum_k gap_k
+            const double gap = i == istar ? 0.0 : weighted_gap(d, s_star, s_i, lw);
+            c = exp(lw - lse_w) * pair - gap;
+        } else {
+            c = weighted_f_prime(d, s_i, lw, b);
+        }
+        coef[i] = static_cast<T>(c);
         weights[i] = static_cast<T>(exp(lw - lse_w));
     }
     if (threadIdx.x == 0) {

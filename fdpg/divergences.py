@@ -36,7 +36,7 @@ class Divergence:
 
     ``f_prime`` (derivative with respect to ``t``, as a function of ``s``) may be omitted: it is then
     ``exp(-s) * d f / d s`` from autograd (or the built-ins' closed form); ``f_prime`` is callable either way. The built-ins also carry ``exp_terms`` and ``rest``: ``f'(s) =
-    sum_k c_k exp(a_k s) + rest(s)`` with ``rest`` growing at most linearly, which lets the coefficient op fold
+    sum_k c_k exp(a_k s) + rest_const + rest(s)`` with ``rest`` growing at most linearly, which lets the coefficient op fold
     the importance weight into every exponential (see :meth:`weighted_f_prime`).
     """
 
@@ -45,6 +45,7 @@ class Divergence:
     f_prime: Fn | None = None
     exp_terms: tuple[tuple[float, float], ...] = ()
     rest: Fn | None = None
+    rest_const: float = 0.0    # a constant part of f' kept apart from ``rest``: it cancels exactly in differences
     # f'(+inf) is finite: the divergence tolerates samples with P(x) = 0 (log b = -inf).
     bounded_at_inf: bool | None = None
     params: dict = field(default_factory=dict)
@@ -75,7 +76,7 @@ class Divergence:
         """
         dead = log_w == -math.inf  # pi(x) = 0: the term is 0 even where f'(t) or exp(a*s) is infinite
         if self.exp_terms or self.rest is not None:
-            out = _fold(log_w, (0.0 if self.rest is None else self.rest(s)) - shift)
+            out = _fold(log_w, (self.rest_const - shift) + (0.0 if self.rest is None else self.rest(s)))
             for c, a in self.exp_terms:
                 out = out + c * torch.exp(torch.where(dead, log_w, a * s + log_w))
             return out
@@ -92,12 +93,16 @@ class Divergence:
         multiplies them), 0 where ``log_w = -inf``. The batch-baseline coefficient of a sample holding nearly all
         the importance weight is ``wn_i sum_j`` of these (:func:`fdpg.reference.fdpg_coefficients`)."""
         s_i = s_i.expand_as(s)
+        dead = log_w == -math.inf
         if self.exp_terms or self.rest is not None:
-            r_i = torch.zeros_like(s) if self.rest is None else self.rest(s_i)
-            # sum_k c_k exp(a_k s_i + lw) - [sum_k c_k exp(a_k s + lw) + exp(lw) (rest(s) - rest(s_i))]
-            return self.weighted_f_prime(s_i, log_w, r_i) - self.weighted_f_prime(s, log_w, r_i)
+            # sum_k c_k (exp(a_k s_i + lw) - exp(a_k s + lw)) + exp(lw) (rest(s_i) - rest(s)), rest_const gone
+            out = torch.zeros_like(s) if self.rest is None else _fold(log_w, self.rest(s_i) - self.rest(s))
+            for c, a in self.exp_terms:
+                out = out + c * (torch.exp(torch.where(dead, log_w, a * s_i + log_w))
+                                 - torch.exp(torch.where(dead, log_w, a * s + log_w)))
+            return out
         out = _fold(log_w, self.fprime(s_i) - self.fprime(s))
-        return torch.where(log_w == -math.inf, torch.zeros_like(out), out)
+        return torch.where(dead, torch.zeros_like(out), out)
 
     def is_bounded_at_inf(self) -> bool:
         """True when ``f'(t)`` stays finite as ``t -> inf``, i.e. samples with ``P(x) = 0`` are allowed.
@@ -196,7 +201,10 @@ def _js_f(s: torch.Tensor) -> torch.Tensor:
 
 
 def _js() -> Divergence:
-    return Divergence("js", f=_js_f, rest=lambda s: 0.5 * (LOG2 - F.softplus(-s)), bounded_at_inf=True)
+    # f'(t) = 1/2 log(2t / (1 + t)) = 1/2 (log 2 - softplus(-s)): log 2 apart, so that differences of f' keep
+    # softplus(-s) ~ exp(-s) where it is far below log 2
+    return Divergence("js", f=_js_f, rest=lambda s: -0.5 * F.softplus(-s), rest_const=0.5 * LOG2,
+                      bounded_at_inf=True)
 
 
 def _hellinger() -> Divergence:

@@ -238,14 +238,16 @@ def fdpg_coefficients(policy_logprob, proposal_logprob, target_logscore, diverge
         b = torch.zeros((), dtype=lpi.dtype, device=lpi.device)
     else:
         b = torch.as_tensor(float(baseline), dtype=lpi.dtype, device=lpi.device)
-    coef = div.weighted_f_prime(s, log_w, b)   # (pi/q)(f' - B), the baseline taken before the weight
     if baseline == "batch" and s.shape[-1] > 0:
-        # The sample of the largest weight, as coef_i = wn_i sum_{j != i} (pi_j/q_j)(f'_i - f'_j) (the same value:
-        # f'_i - B = sum_j wn_j (f'_i - f'_j)): where it holds all but ~eps of the weight, f'_i - B cancels to
-        # rounding noise that pi_i/q_i (up to e^700) would blow up.
+        # Differenced against the sample of the largest weight, *: f'_j - B = (f'_j - f'_*) + (f'_* - B) and
+        # f'_* - B = sum_k wn_k (f'_* - f'_k), so coef_j = -gap_j + wn_j sum_k gap_k with gap_k = w_k (f'_* - f'_k)
+        # (the same value). Where a sample holds all but ~eps of the weight, f'_j - B for it (and for any sample
+        # with its f') cancels to rounding noise that pi/q (up to e^700) would blow up; the gaps do not cancel.
         i = torch.argmax(log_w, -1, keepdim=True)
         gap = div.weighted_f_prime_gap(s.gather(-1, i), s, log_w).scatter(-1, i, 0.0)
-        coef = coef.scatter(-1, i, torch.exp(log_wn.gather(-1, i)) * gap.sum(-1, keepdim=True))
+        coef = torch.exp(log_wn) * gap.sum(-1, keepdim=True) - gap
+    else:
+        coef = div.weighted_f_prime(s, log_w, b)   # (pi/q)(f' - B), the baseline taken before the weight
     return coef, lz, weights, ess, b
 
 

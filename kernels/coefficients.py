@@ -72,17 +72,45 @@ def _weighted_fprime(s, lw, shift, CE, AE, K0, K1, K2, K3,
     infinite. The shift (the baseline) is taken from ``f'``'s non-exponential part before the weight multiplies
     it, as ``sign(r) exp(lw + log|r|)`` where ``exp(lw) r`` would overflow or underflow on the way."""
     NEG_INF: tl.constexpr = float("-inf")
-    INF: tl.constexpr = float("inf")
     out = tl.zeros_like(s)
     if HAS_EXP:
         out += CE * tl.exp(tl.where(lw == NEG_INF, NEG_INF, AE * s + lw))
     rest = _rest(s, K0, K1, K2, K3, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP) - shift
+    return out + _fold(lw, rest)
+
+
+@triton.jit
+def _fold(lw, x):
+    """``exp(lw) x``, as ``sign(x) exp(lw + log|x|)`` where the product would overflow or underflow on the way; 0
+    where ``x = 0`` or ``lw = -inf``."""
+    NEG_INF: tl.constexpr = float("-inf")
+    INF: tl.constexpr = float("inf")
     w = tl.exp(lw)
-    direct = w * rest
-    far = tl.where(rest > 0, 1.0, -1.0) * tl.exp(lw + tl.log(tl.abs(rest)))
+    direct = w * x
+    far = tl.where(x > 0, 1.0, -1.0) * tl.exp(lw + tl.log(tl.abs(x)))
     r = tl.where((tl.abs(direct) < INF) & (w > 0) & (w < INF), direct, far)
-    out += tl.where((rest == 0) | (lw == NEG_INF), 0.0, r)
-    return out
+    return tl.where((x == 0) | (lw == NEG_INF), 0.0, r)
+
+
+@triton.jit
+def _weighted_gap(s_star, s, lw, CE, AE, K1, K2, K3, HAS_EXP: tl.constexpr, HAS_LIN: tl.constexpr,
+                  HAS_SIGN: tl.constexpr, HAS_SP: tl.constexpr):
+    """``exp(lw) (f'(s_star) - f'(s))``, each part differenced before the weight multiplies it (the constant K0
+    cancels exactly); 0 where ``lw = -inf``."""
+    NEG_INF: tl.constexpr = float("-inf")
+    out = tl.zeros_like(s)
+    dead = lw == NEG_INF
+    if HAS_EXP:
+        out += CE * (tl.exp(tl.where(dead, NEG_INF, AE * s_star + lw)) - tl.exp(tl.where(dead, NEG_INF, AE * s + lw)))
+    r = tl.zeros_like(s)
+    if HAS_LIN:
+        r += K1 * (s_star - s)
+    if HAS_SIGN:
+        r += K2 * (tl.where(s_star > 0, 1.0, tl.where(s_star < 0, -1.0, 0.0))
+                   - tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)))
+    if HAS_SP:
+        r += K3 * (_softplus(-s_star) - _softplus(-s))
+    return out + _fold(lw, r)
 
 
 @triton.jit
@@ -151,12 +179,12 @@ def _seq_kernel(
     # ---- pass 2: batch baseline and the estimates ------------------------------------------------------------
     b = b_value  # the host passes 0 unless BASELINE == 2
     if DO_COEF and BASELINE == 1:
-        # the sample of the largest weight (the first): its coefficient is computed as wn* sum_j w_j (f'* - f'_j)
-        # (fdpg.reference.fdpg_coefficients): f'* - B cancels to rounding noise where it holds nearly all the weight
+        # the sample of the largest weight (the first), *: the coefficients are differenced against its f'
+        # (fdpg.reference.fdpg_coefficients): f'_j - B cancels to rounding noise where * holds nearly all the
+        # weight, for * and for any sample with its f'; the gaps w_k (f'_* - f'_k) do not
         istar = tl.min(tl.where(mw == Mw, iw, N), 0)
         s_star = (tl.load(lpi_ptr + istar).to(tl.float32) - tl.load(lP_ptr + istar).to(tl.float32) + lz
                   + tl.zeros([BLOCK], tl.float32))
-        r_star = _rest(s_star, K0, K1, K2, K3, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP)
         pacc = tl.zeros([BLOCK], tl.float32)
     if (DO_COEF and BASELINE == 1) or DO_EST:
         bacc = tl.zeros([BLOCK], tl.float32)
@@ -177,10 +205,7 @@ def _seq_kernel(
                 bacc += tl.where(ok, _weighted_fprime(s, lwn, 0.0, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
                                                       HAS_SIGN, HAS_SP), 0.0)
                 lw = tl.where(ok, lpi - lq, NEG_INF)
-                gap = (_weighted_fprime(s_star, lw, r_star, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
-                                        HAS_SIGN, HAS_SP)
-                       - _weighted_fprime(s, lw, r_star, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN,
-                                          HAS_SIGN, HAS_SP))
+                gap = _weighted_gap(s_star, s, lw, CE, AE, K1, K2, K3, HAS_EXP, HAS_LIN, HAS_SIGN, HAS_SP)
                 pacc += tl.where(ok & (offs != istar), gap, 0.0)
             if DO_EST:
                 lp = lP - lz
@@ -221,9 +246,12 @@ def _seq_kernel(
             lP = tl.load(lP_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             s = lpi - lP + lz
             lw = lpi - lq
-            coef = _weighted_fprime(s, lw, b, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN, HAS_SIGN, HAS_SP)
-            if BASELINE == 1:
-                coef = tl.where(offs == istar, tl.exp(lw - lse_w) * pair, coef)
+            if BASELINE == 1:   # -gap_j + wn_j sum_k gap_k (fdpg.reference.fdpg_coefficients)
+                gap = _weighted_gap(s_star, s, lw, CE, AE, K1, K2, K3, HAS_EXP, HAS_LIN, HAS_SIGN, HAS_SP)
+                coef = tl.exp(lw - lse_w) * pair - tl.where(offs == istar, 0.0, gap)
+            else:
+                coef = _weighted_fprime(s, lw, b, CE, AE, K0, K1, K2, K3, HAS_EXP, HAS_REST, HAS_LIN, HAS_SIGN,
+                                        HAS_SP)
             tl.store(coef_ptr + offs, coef, mask=ok)
             tl.store(w_ptr + offs, tl.exp(lw - lse_w), mask=ok)
 

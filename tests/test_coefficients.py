@@ -1,5 +1,6 @@
 import math
 
+import mpmath
 import pytest
 import torch
 
@@ -96,15 +97,37 @@ def test_float32_extreme_sequence_logprobs_stay_finite(div, gen):
     torch.testing.assert_close(out.coef.double(), ref.coef, rtol=2e-3, atol=2e-3)
 
 
+def _fprime_mp(div: str, s):
+    """f'(t) at s = log t in mpmath (the closed forms of MATH.md)."""
+    mp = mpmath
+    if div == "forward_kl":
+        return -mp.exp(-s)
+    if div == "reverse_kl":
+        return s + 1
+    if div == "tv":
+        return mp.mpf(0.5) * mp.sign(s)
+    if div == "js":
+        return (mp.log(2) - mp.log(1 + mp.exp(-s))) / 2
+    if div == "hellinger":
+        return 1 - mp.exp(-s / 2)
+    if div == "chi2":
+        return 2 * (mp.exp(s) - 1)
+    a = mp.mpf(div.split(":")[1])
+    return (mp.exp((a - 1) * s) - 1) / (a - 1)
+
+
 def pairwise_coefficients(lpi, lq, lP, div):
-    """Batch-baseline coefficients as ``sum_j wn_j (pi_i/q_i) (f'_i - f'_j)``, pair by pair in float64: no
-    cancellation between ``f'_i`` and the baseline however the weights are spread."""
-    d = divergences.get(div)
-    lw = lpi - lq
-    s = lpi - lP + torch.logsumexp(lP - lq, 0) - math.log(lq.shape[0])
-    fp = d.fprime(s)
-    pair = torch.exp(lw[:, None] + lw[None, :] - torch.logsumexp(lw, 0)) * (fp[:, None] - fp[None, :])
-    return pair.sum(1)
+    """Batch-baseline coefficients ``sum_j wn_j (pi_i/q_i)(f'_i - f'_j)`` in 60-digit arithmetic (mpmath): the
+    ground truth however the weights are spread, float64 [N]."""
+    with mpmath.workdps(60):
+        lpi, lq, lP = ([mpmath.mpf(float(v)) for v in t] for t in (lpi, lq, lP))
+        n = len(lpi)
+        lz = mpmath.log(sum(mpmath.exp(p - q) for p, q in zip(lP, lq)) / n)
+        lw = [p - q for p, q in zip(lpi, lq)]
+        W = sum(mpmath.exp(v) for v in lw)
+        fp = [_fprime_mp(div, p - P + lz) for p, P in zip(lpi, lP)]
+        out = [mpmath.exp(lw[i]) * sum(mpmath.exp(lw[j]) * (fp[i] - fp[j]) for j in range(n)) / W for i in range(n)]
+        return torch.tensor([float(v) for v in out], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("div", DIVS)
@@ -126,6 +149,28 @@ def test_a_sample_holding_nearly_all_the_weight(div, gap, gen):
     if gap <= 80.0 and float(want.abs().max()) < 1e30:
         got32 = fdpg.fdpg_coefficients(lpi.float(), lq.float(), lP.float(), div).coef
         torch.testing.assert_close(got32.double(), want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("gap", [40.0, 60.0, 100.0])
+def test_heavy_samples_sharing_f_prime(div, gap, gen):
+    """Two copies of the heaviest sequence (and, for TV, samples on one side of s = 0 share f'): the second copy's
+    coefficient cancels like the first's, so every coefficient is differenced against the heaviest sample."""
+    n = 16
+    lq = -60 - torch.rand(n, generator=gen, dtype=torch.float64) * 10
+    lpi = lq + torch.randn(n, generator=gen, dtype=torch.float64)
+    lP = lq + torch.randn(n, generator=gen, dtype=torch.float64)
+    lpi[3] = lq[3] + gap
+    lpi[9], lq[9], lP[9] = lpi[3], lq[3], lP[3]               # a duplicate of the heaviest
+    lpi[11] = lq[11] + gap - 1.0                              # and a near-heavy one
+    want = pairwise_coefficients(lpi, lq, lP, div)
+    if not torch.isfinite(want).all():
+        pytest.skip("true coefficients beyond float64")
+    got = fdpg.fdpg_coefficients(lpi, lq, lP, div).coef
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8 * float(want.abs().max()))
+    tie = fdpg.fdpg_coefficients(torch.tensor([-1.0, -2, -3, -4]), torch.tensor([-41.0, -41, -3, -4]),
+                                 torch.tensor([-1.5, -2.7, -2.7, -3.8]), "tv", log_z=0.0).coef
+    torch.testing.assert_close(tie, torch.tensor([1.4621, 0.5379, -1.0, -1.0]), rtol=0, atol=1e-4)
 
 
 def test_user_divergences_edge_cases(gen):
