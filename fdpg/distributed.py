@@ -391,11 +391,19 @@ class Parallel:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer_state_dict(self, model, optimizer, state: dict) -> None:
+        """Load a saved optimizer state: keyed by parameter index (one process, DDP) or by name (FSDP), into
+        either kind of model (the checkpoint of one strategy resumes under the other)."""
         keyed_by_name = any(isinstance(k, str) for k in state.get("state", {}))
         if not (_is_fsdp(model) or keyed_by_name):
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not keyed_by_name:   # indices in the optimizer's order (the policy's trainable parameters): names
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            state = {"state": {names[i]: v for i, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                      for g in state["param_groups"]]}
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

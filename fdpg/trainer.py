@@ -775,6 +775,8 @@ class Trainer:
         full = {key: par.full_state_dict(model) for key, model in models.items()}
         optimizer = par.optimizer_state_dict(self.policy, self.optimizer)
         rngs = par.all_gather_object(self._rng_state())
+        # the window's token count is summed over ranks where it is reported: saved summed, restored to rank 0
+        window = {**self._win, "tokens": par.sum(self._win["tokens"].clone())}
         if not par.is_main:
             par.barrier()
             return root / name
@@ -793,7 +795,7 @@ class Trainer:
             "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
             "rng": rngs[0], "rng_ranks": rngs,
             "offline": None if self.offline is None else {"perm": self.offline_perm, "pos": self.offline_pos},
-            "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self._win.items()},
+            "window": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in window.items()},
             "elapsed": self._elapsed,
             "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
             "config": to_dict(self.cfg),
@@ -868,6 +870,8 @@ class Trainer:
         if st["offline"] is not None:
             self.offline_perm, self.offline_pos = st["offline"]["perm"], st["offline"]["pos"]
         self._win = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in st["window"].items()}
+        if not self.dist.is_main:
+            self._win["tokens"] = torch.zeros_like(self._win["tokens"])   # (saved summed over the ranks)
         self._elapsed = st["elapsed"]
         metrics = self.out / "metrics.jsonl"
         if self.dist.is_main and metrics.exists():
