@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -170,13 +171,24 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.fn(args)
+        rc = args.fn(args)
     except ConfigError as e:
         print(f"fdpg: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print("fdpg: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
+    from .distributed import under_torchrun
+
+    if under_torchrun():
+        # A rank of a finished run leaves without the interpreter's shutdown: there, torch's FSDP2 over gloo
+        # aborts now and then ("terminate called without an active exception", SIGABRT; seen without fdpg too),
+        # and torchrun then reports a run that finished and saved everything as failed. The process group is
+        # destroyed and every file closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

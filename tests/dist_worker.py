@@ -217,3 +217,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)   # no interpreter shutdown, where FSDP2 over gloo aborts now and then (as fdpg.cli does)
