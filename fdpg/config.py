@@ -354,8 +354,8 @@ def _check_feature(spec: FeatureSpec, key: str, role: str) -> None:
         raise ConfigError(f"{key}.function", f"expected 'module:function', got {spec.function!r}")
 
 
-def validate(cfg: Config) -> Config:
-    """Checks that need no model: value ranges, names, and combinations."""
+def validate(cfg: Config, *, for_sampling: bool = False) -> Config:
+    """Checks that need no model: value ranges, names, and combinations (``for_sampling``: see :func:`resolve`)."""
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     if cfg.prior.path is None and cfg.prior.tiny is None:
@@ -427,7 +427,7 @@ def validate(cfg: Config) -> Config:
         if getattr(t.lambda_fit, n) < 1:
             raise ConfigError(f"target.lambda_fit.{n}", f"expected an integer >= 1, got {getattr(t.lambda_fit, n)}")
     _positive(t.lambda_fit, ("lr", "tol"), "target.lambda_fit.")
-    _check_q_learning(cfg)
+    _check_q_learning(cfg, need_offline=not for_sampling)
     div = divergences.get(cfg.divergence)
     if t.constraints and not div.is_bounded_at_inf() and cfg.log_b_floor is None:
         raise ConfigError("log_b_floor", f"the divergence {div.name!r} is unbounded where P(x) = 0 (a sample "
@@ -440,7 +440,7 @@ def validate(cfg: Config) -> Config:
 Q_KEYS = ("gamma", "target_update", "mc_dropout", "kl_reward", "loss")   # psi_learning / q_learning only
 
 
-def _check_q_learning(cfg: Config) -> None:
+def _check_q_learning(cfg: Config, need_offline: bool = True) -> None:
     """psi_learning / q_learning: their keys, a fixed batch, a reward-tilt target (the rest is checked when the
     offline file is read); for fdpg, their keys must be left at their defaults."""
     if cfg.algorithm not in Q_ALGORITHMS:
@@ -464,7 +464,7 @@ def _check_q_learning(cfg: Config) -> None:
         w = cfg.kl_reward.weight
         if w is not None and not (math.isfinite(w) and w >= 0):
             raise ConfigError("kl_reward.weight", f"expected a number >= 0, got {w}")
-    if cfg.offline is None:
+    if need_offline and cfg.offline is None:
         raise ConfigError("offline", f"missing: {algo} learns from a fixed batch of sequences with rewards; write "
                                      "one with `fdpg sample CONFIG.yaml --n N --out FILE.jsonl`")
     if t.constraints or t.features:
@@ -477,14 +477,14 @@ def _check_q_learning(cfg: Config) -> None:
 
 # ---- entry points -------------------------------------------------------------------------------------------
 
-def from_dict(data: dict, *, check: bool = True) -> Config:
+def from_dict(data: dict, *, check: bool = True, for_sampling: bool = False) -> Config:
     """A :class:`Config` from a plain mapping (as read from YAML)."""
     if not isinstance(data, dict):
         raise ConfigError("", f"the configuration must be a mapping of keys to values, got {type(data).__name__}")
     if "prior" not in data:
         raise ConfigError("prior", "missing (required): a path to a local Hugging Face model or {tiny: {...}}")
     cfg = _dataclass(Config, data, "")
-    return validate(cfg) if check else cfg
+    return validate(cfg, for_sampling=for_sampling) if check else cfg
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -558,16 +558,7 @@ def resolve(config, overrides=(), *, for_sampling: bool = False) -> Config:
     else:
         data = _read_yaml(config)
     data = apply_overrides(data, overrides)
-    if not for_sampling:
-        return from_dict(data)
-    data = {**data, "offline": None}
-    algo = data.get("algorithm")
-    cfg = from_dict(data, check=False)
-    if algo in Q_ALGORITHMS:   # checked as the fdpg configuration it samples for: the Q keys are not used here
-        validate(dataclasses.replace(cfg, algorithm="fdpg", **{k: getattr(Config(prior=cfg.prior), k)
-                                                                 for k in Q_KEYS}))
-        return cfg
-    return validate(cfg)
+    return from_dict({**data, "offline": None}, for_sampling=True) if for_sampling else from_dict(data)
 
 
 def to_dict(cfg) -> dict:
