@@ -163,13 +163,17 @@ enum { GV = 64 / (int)sizeof(real), MR = 8 };   /* 16 accumulators of 32 vector 
 #else
 enum { GV = 32 / (int)sizeof(real), MR = 6 };   /* 12 of 16 (AVX2) */
 #endif
+/* unaligned load and store of a vector type T (GCC's vector extension) from and to reals */
+#define VEC_IO(T, load, store)                                                                                    \
+    static inline T load(const real *p) {                                                                         \
+        T v;                                                                                                      \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        return v;                                                                                                 \
+    }                                                                                                             \
+    static inline void store(real *p, T v) { memcpy(p, &v, sizeof v); }
+
 typedef real greal __attribute__((vector_size(GV * sizeof(real))));
-static inline greal gload(const real *p) {
-    greal v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void gstore(real *p, greal v) { memcpy(p, &v, sizeof v); }
+VEC_IO(greal, gload, gstore)
 
 #define GEMM_TILE(R)                                                                                              \
     static inline __attribute__((always_inline)) void tile##R(int64_t K, const real *A, int64_t am, int64_t ak,  \
@@ -270,12 +274,7 @@ enum { BM = 64 / (int)sizeof(real) };   /* rows per attention block: one 64-byte
 
 /* BM reals as one vector register (GCC's vector extension: the accumulators below stay in registers) */
 typedef real vreal __attribute__((vector_size(BM * sizeof(real))));
-static inline vreal vload(const real *p) {
-    vreal v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+VEC_IO(vreal, vload, vstore)
 
 /* The scores sc [n + 1, BM] of a block's first M rows (raw dot products) -> their softmax weights, unnormalised:
  * masked slots out, scaled, exp(s - max); sum [BM] their sums per row */

@@ -62,19 +62,22 @@ def _probe():
     return None
 
 
+def _turned_off() -> str | None:
+    return "FDPG_CPU_GEMM=torch" if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch" else None
+
+
 def onednn_reason() -> str | None:
     """Why oneDNN is never taken here (None: it is, above :data:`MIN_FLOPS`, where the native kernel is not)."""
-    if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch":
-        return "FDPG_CPU_GEMM=torch"
+    off = _turned_off()
+    if off:
+        return off
     if not _state:
         _state["reason"] = _probe()
     return _state["reason"]
 
 
 def _native_reason() -> str | None:
-    if os.environ.get("FDPG_CPU_GEMM", "").lower() == "torch":
-        return "FDPG_CPU_GEMM=torch"
-    return cpu_decode._library_reason(torch.float32)
+    return _turned_off() or cpu_decode._library_reason(torch.float32)
 
 
 def _fast(M: int, N: int, K: int, *ts) -> bool:

@@ -112,11 +112,11 @@ def sample(model, batch_size: int, max_length: int, *, eos_token_id: int | None,
         :class:`Samples`, with ``T`` the length of the longest sequence drawn (at most ``max_length``).
     """
     from .decode import decoder, use_triton
+    from .models import vocab_size
 
     dev = next(model.parameters()).device
-    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     _check_sample_args(batch_size, max_length, stop_check_every, eos_token_id, bos_token_id, context_ids,
-                       context_mask, V)
+                       context_mask, vocab_size(model))
     if context_ids is None:
         context_ids = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=dev)
         context_mask = None
@@ -185,7 +185,7 @@ def _check_sample_args(batch_size, max_length, stop_check_every, eos_token_id, b
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     ids = [("eos_token_id", eos_token_id)] + ([("bos_token_id", bos_token_id)] if context_ids is None else [])
     for name, v in ids:
-        if v is not None and V is not None and not 0 <= v < V:
+        if v is not None and not 0 <= v < V:
             raise ValueError(f"{name}: expected a token id in [0, {V}) (the model's vocabulary), got {v}")
     if context_ids is None:
         return
@@ -199,7 +199,7 @@ def _check_sample_args(batch_size, max_length, stop_check_every, eos_token_id, b
                          f"{tuple(context_mask.shape)}")
     if not validate(None, context_ids):      # value checks: host syncs (the CPU by default)
         return
-    if context_ids.numel() and V is not None and (int(context_ids.min()) < 0 or int(context_ids.max()) >= V):
+    if context_ids.numel() and (int(context_ids.min()) < 0 or int(context_ids.max()) >= V):
         raise ValueError(f"context_ids: token ids must lie in [0, {V}) (the model's vocabulary)")
     if context_mask is not None:
         if not bool(context_mask.bool().any(-1).all()):

@@ -162,6 +162,14 @@ def _logits_tile(H, W, rows, cols, row_ok, col_ok, D, stride_hn, stride_hd, stri
 
 
 @triton.jit
+def _lse_update(m, s, z):
+    """A tile of logits ``z [BLOCK_N, BLOCK_V]`` into the rows' online max ``m`` and sum ``s`` (relative to ``m``)."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # finite while the row is all -inf so far (a bias)
+    return m_new, s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
+
+
+@triton.jit
 def _fwd_kernel(H, W, B, Y, LP, LSE, MX, PM, PS, PZ,
                 N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_tau, tiles_per_split,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -185,10 +193,7 @@ def _fwd_kernel(H, W, B, Y, LP, LSE, MX, PM, PS, PZ,
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * inv_tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # finite while the row is all -inf so far (a bias)
-        s = s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
-        m = m_new
+        m, s = _lse_update(m, s, z)
         zt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
     if SPLIT:
         out = pid_s * N + rows
@@ -226,10 +231,7 @@ def _chunk_fwd_kernel(Z, B, Y, M, S, ZT, N, cv, v0, stride_zn, inv_tau,
         if HAS_BIAS:
             z += tl.load(B + v0 + lcols, mask=ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(ok[None, :], z * inv_tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # finite while the row is all -inf so far (a bias)
-        s = s * tl.exp(m - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
-        m = m_new
+        m, s = _lse_update(m, s, z)
         zt += tl.sum(tl.where((lcols[None, :] == y[:, None]) & ok[None, :], z, 0.0), 1)   # (a later chunk's y)
     tl.store(M + rows, m, mask=row_ok)
     tl.store(S + rows, s, mask=row_ok)

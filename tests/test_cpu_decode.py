@@ -5,6 +5,7 @@ import platform
 import pytest
 import torch
 
+import _tiny
 import fdpg.cpu_decode as native
 from fdpg.decode import decoder
 from fdpg.models import model_inputs
@@ -25,16 +26,7 @@ def gpt2(act="gelu_new", dtype=torch.float64, seed=0):
 
 
 def llama(dtype=torch.float32, seed=0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.25, bos_token_id=1,
-               eos_token_id=0, pad_token_id=0)
-    cfg.update(kw)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        m = LlamaForCausalLM(LlamaConfig(**cfg))
-    return m.eval().to(dtype)
+    return _tiny.llama(V, seed, **{"intermediate_size": 40, "initializer_range": 0.25, **kw}).to(dtype)
 
 
 def contexts(kind, B):

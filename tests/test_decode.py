@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import _tiny
 import fdpg
 from fdpg.decode import decoder, fast_path_reason, hidden_states
 from fdpg.models import build_tiny, model_inputs, score_tokens
@@ -16,15 +17,7 @@ V = 23
 
 
 def tiny_llama(seed=0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=1,
-               eos_token_id=0, pad_token_id=0)
-    cfg.update(kw)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return _tiny.llama(V, seed, **kw)
 
 
 MODELS = {
